@@ -1,0 +1,32 @@
+"""peftkit: parameter-efficient fine-tuning, format-compatible with HF PEFT.
+
+    import peftkit
+    peftkit.inject(model, peftkit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    ...train...
+    peftkit.save_adapter(model, "out/adapter")
+"""
+
+from .adapters import (
+    active_adapters,
+    delete_adapter,
+    disable_adapters,
+    per_row,
+    set_active,
+    set_trainable,
+    summary,
+    trainable_parameters,
+)
+from .checkpoint import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from .config import LoraConfig
+from .inject import inject
+from .merge import combine, merge, merge_and_unload, merged_adapters, unmerge
+from .methods.lora import LoraLayer, WeightAccess
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "LoraLayer", "WeightAccess", "inject", "save_adapter", "load_adapter", "read_adapter",
+    "adapter_state_dict", "merge", "unmerge", "merge_and_unload", "merged_adapters", "combine", "set_active",
+    "active_adapters", "set_trainable", "delete_adapter", "disable_adapters", "per_row",
+    "trainable_parameters", "summary", "__version__",
+]

@@ -1,0 +1,168 @@
+"""Frozen configuration objects, one per method, and their PEFT `adapter_config.json` form.
+
+A config travels as a whole: the layer reads its rank and scaling from it, the checkpoint writes it,
+the loader rebuilds it. Field names are HF PEFT's, so a PEFT user's config carries over unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+INIT_CHOICES = (True, False, "gaussian", "pissa")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+def _as_tuple(value: Any) -> tuple | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+    return (value,)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA: W x + (alpha / r) * B A x, with A (r x in) and B (out x r) trained and W frozen.
+
+    target_modules: a list of module names (an entry matches a name that equals it or ends with
+    "." + entry), a regex string that must fullmatch the module name, or "all-linear" (every linear
+    layer except the output head). None picks a default for known model types (see targeting.py).
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | str | None = None
+    exclude_modules: tuple[str, ...] | str | None = None
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] | None = None
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init_lora_weights: bool | str = True
+    fan_in_fan_out: bool = False
+    base_model_name_or_path: str | None = None
+    task_type: str | None = "CAUSAL_LM"
+
+    peft_type = "LORA"
+
+    def __post_init__(self) -> None:
+        # Lists become tuples so the config is hashable and cannot be changed behind a layer's back.
+        if not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", _as_tuple(self.target_modules))
+        if not isinstance(self.exclude_modules, str):
+            object.__setattr__(self, "exclude_modules", _as_tuple(self.exclude_modules))
+        object.__setattr__(self, "modules_to_save", _as_tuple(self.modules_to_save))
+        object.__setattr__(self, "layers_to_transform", _as_tuple(self.layers_to_transform))
+        object.__setattr__(self, "layers_pattern", _as_tuple(self.layers_pattern))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
+        self._validate()
+
+    def _validate(self) -> None:
+        problems = []
+        if not isinstance(self.r, int) or self.r <= 0:
+            problems.append(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_CHOICES:
+            problems.append(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        if self.init_lora_weights not in INIT_CHOICES:
+            problems.append(f"init_lora_weights must be one of {INIT_CHOICES}, got {self.init_lora_weights!r}")
+        for pattern, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                problems.append(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
+        for pattern in [*self.rank_pattern, *self.alpha_pattern]:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                problems.append(f"pattern {pattern!r} is not a valid regex: {err}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                problems.append(f"target_modules {self.target_modules!r} is not a valid regex: {err}")
+        if self.use_dora:
+            problems.append(
+                "use_dora=True is not supported yet (DoRA is tracked in its own issue); "
+                "train a plain LoRA adapter or use HF PEFT for DoRA until it lands"
+            )
+        if problems:
+            raise ValueError("invalid LoraConfig: " + "; ".join(problems))
+
+    # --- per-module values -------------------------------------------------------------------------
+    def rank_for(self, module_name: str) -> int:
+        """The rank for one module: the first rank_pattern key whose regex ends the name, else r."""
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def scaling_for(self, module_name: str) -> float:
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # --- PEFT's adapter_config.json ----------------------------------------------------------------
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The dict HF PEFT writes to adapter_config.json (and reads back)."""
+        d = asdict(self)
+        for key in ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform",
+                    "layers_pattern"):
+            if isinstance(d[key], tuple):
+                d[key] = list(d[key])
+        d["peft_type"] = self.peft_type
+        d["inference_mode"] = True
+        d["lora_bias"] = False
+        return d
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Build a config from adapter_config.json. Keys we do not know are ignored (newer PEFT versions
+        add fields freely); keys whose value we cannot honour raise instead of being dropped."""
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; this loader reads 'LORA'")
+        known = {f.name for f in fields(cls)}
+        unsupported = {
+            "use_dora": False, "lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
+            "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None,
+            "use_bdlora": None,
+        }
+        bad = [f"{k}={data[k]!r}" for k, default in unsupported.items()
+               if k in data and data[k] not in (default, None, False, [], {}) and k != "use_dora"]
+        if bad:
+            raise ValueError("adapter_config.json uses options peftkit does not support yet: " + ", ".join(bad))
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if isinstance(kwargs.get("init_lora_weights"), str) and kwargs["init_lora_weights"] not in INIT_CHOICES:
+            kwargs["init_lora_weights"] = True  # weights come from the file; the init scheme is moot
+        if isinstance(kwargs.get("layers_to_transform"), int):
+            kwargs["layers_to_transform"] = [kwargs["layers_to_transform"]]
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> LoraConfig:
+        return replace(self, **changes)
+
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    """PEFT's rule: a pattern key applies when `(.*\\.)?(key)$` matches the module name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def config_from_peft_dict(data: dict[str, Any]) -> LoraConfig:
+    """Dispatch on peft_type; one place to add a method's config class."""
+    peft_type = data.get("peft_type", "LORA")
+    if peft_type == "LORA":
+        return LoraConfig.from_peft_dict(data)
+    raise ValueError(f"peft_type {peft_type!r} is not supported by this peftkit version (supported: LORA)")
+

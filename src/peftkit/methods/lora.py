@@ -1,0 +1,217 @@
+"""The LoRA layer: a frozen base module plus, per named adapter, low-rank factors A (r x in), B (out x r).
+
+    y = base(x) + scaling * B(A(dropout(x)))          linear / Conv1D
+    y = base(ids) + scaling * B(A[:, ids])            embedding (A is r x num_embeddings)
+
+The layer WRAPS the original module (kept as `.base`); it never copies or subclasses it. Base weights are
+read and written through `get_dense_weight` / `set_dense_weight`, so a quantized base only has to offer
+those two methods (see `WeightAccess`) to get merge and unmerge.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class WeightAccess(Protocol):
+    """A base layer whose weight is not a plain tensor (e.g. NF4) implements these two methods."""
+
+    def get_dense_weight(self) -> Tensor: ...
+
+    def set_dense_weight(self, weight: Tensor) -> None: ...
+
+
+def get_dense_weight(base: nn.Module) -> Tensor:
+    return base.get_dense_weight() if isinstance(base, WeightAccess) else base.weight.data
+
+
+def set_dense_weight(base: nn.Module, weight: Tensor) -> None:
+    if isinstance(base, WeightAccess):
+        base.set_dense_weight(weight)
+    else:
+        base.weight.data.copy_(weight)
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """Adapters train in fp32 over a half-precision or quantized base (as PEFT's autocast_adapter_dtype)."""
+    dtype = get_dense_weight(base).dtype if isinstance(base, WeightAccess) else base.weight.dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def factor_shapes(kind: str, base: nn.Module, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of A and B at rank r, as stored in PEFT files. For an embedding, in = num_embeddings."""
+    w = get_dense_weight(base)
+    n_in, n_out = (w.shape[1], w.shape[0]) if kind == "linear" else (w.shape[0], w.shape[1])
+    return (r, n_in), (n_out, r)
+
+
+class LoraLayer(nn.Module):
+    """Wraps one linear, Conv1D or embedding module; holds any number of named adapters."""
+
+    peftkit_wrapper = True
+
+    def __init__(self, base: nn.Module, kind: str) -> None:
+        super().__init__()
+        if kind not in ("linear", "conv1d", "embedding"):
+            raise ValueError(f"LoraLayer cannot wrap a module of kind {kind!r}")
+        self.base = base
+        self.peftkit_kind = kind
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.disabled = False
+        self.row_adapters: list[str | None] | None = None  # set by peftkit.per_row for mixed batches
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        return factor_shapes(self.peftkit_kind, self.base, r)
+
+    # --- adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: bool | str) -> None:
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        device = get_dense_weight(self.base).device
+        dtype = adapter_dtype(self.base)
+        (a_shape, b_shape) = self.factor_shapes(r)
+        A = torch.empty(a_shape, device=device, dtype=dtype)
+        B = torch.empty(b_shape, device=device, dtype=dtype)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.scaling[name] = scaling
+        self.dropout[name] = float(dropout)
+        self.reset_adapter(name, init)
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init: bool | str) -> None:
+        """PEFT's initialisations. True: A kaiming-uniform, B zero (embedding: A zero, B normal), so the
+        adapter starts as a no-op. "gaussian": A ~ N(0, 1/r). False: both random (for tests).
+        "pissa": A, B from the top-r singular triplets of W, which keeps W - scaling*BA as the base."""
+        A, B, r = self.lora_A[name], self.lora_B[name], self.lora_A[name].shape[0]
+        if init == "pissa":
+            self._pissa_init(name)
+        elif self.peftkit_kind == "embedding":
+            nn.init.normal_(B)
+            nn.init.zeros_(A) if init is not False else nn.init.normal_(A)
+        else:
+            if init == "gaussian":
+                nn.init.normal_(A, std=1.0 / r)
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(B)
+
+    def _pissa_init(self, name: str) -> None:
+        if self.peftkit_kind == "embedding":
+            raise ValueError("init_lora_weights='pissa' applies to linear layers, not embeddings; exclude them")
+        r, s = self.lora_A[name].shape[0], self.scaling[name]
+        W = self._as_out_in(get_dense_weight(self.base)).float()  # (out, in)
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        root = torch.sqrt(S[:r] / s)
+        A = root[:, None] * Vh[:r]  # (r, in)
+        B = U[:, :r] * root[None, :]  # (out, r)
+        self.lora_A[name].copy_(A)
+        self.lora_B[name].copy_(B)
+        residual = W - s * (B @ A)
+        set_dense_weight(self.base, self._from_out_in(residual).to(get_dense_weight(self.base).dtype))
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
+        for store in (self.lora_A, self.lora_B):
+            del store[name]
+        self.scaling.pop(name)
+        self.dropout.pop(name)
+        self.active = tuple(n for n in self.active if n != name)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # --- weights ----------------------------------------------------------------------------------
+    def _as_out_in(self, w: Tensor) -> Tensor:
+        return w if self.peftkit_kind == "linear" else w.T
+
+    def _from_out_in(self, w: Tensor) -> Tensor:
+        return w if self.peftkit_kind == "linear" else w.T
+
+    def delta_weight(self, name: str) -> Tensor:
+        """scaling * B @ A in the base weight's own layout ((out, in); (in, out) for Conv1D;
+        (num_embeddings, dim) for an embedding)."""
+        delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]  # (out, in)
+        return self._from_out_in(delta)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """W += delta, in place. Merging an adapter that is already merged does nothing."""
+        if name in self.merged:
+            return
+        W = get_dense_weight(self.base)
+        if isinstance(self.base, WeightAccess):
+            set_dense_weight(self.base, W + self.delta_weight(name).to(W.dtype))
+        else:
+            W.add_(self.delta_weight(name).to(W.dtype))
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        W = get_dense_weight(self.base)
+        if isinstance(self.base, WeightAccess):
+            set_dense_weight(self.base, W - self.delta_weight(name).to(W.dtype))
+        else:
+            W.sub_(self.delta_weight(name).to(W.dtype))
+        self.merged.remove(name)
+
+    # --- forward ----------------------------------------------------------------------------------
+    def _lora(self, x: Tensor, name: str) -> Tensor:
+        """The adapter's additive term for input x (no base output)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        if self.peftkit_kind == "embedding":
+            base = self.base
+            h = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
+                            base.scale_grad_by_freq, base.sparse)  # (B, T, r)
+        else:
+            p = self.dropout[name]
+            if p > 0.0 and self.training:
+                x = F.dropout(x, p=p, training=True)
+            h = x.to(A.dtype) @ A.T  # (B, T, r)
+        return (h @ B.T) * self.scaling[name]  # (B, T, out)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base(x, *args, **kwargs)
+        if self.disabled:
+            return out
+        if self.row_adapters is not None:
+            return self._forward_rows(x, out)
+        for name in self.active:
+            if name in self.merged or name not in self.lora_A:
+                continue
+            out = out + self._lora(x, name).to(out.dtype)
+        return out
+
+    def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
+        """One batch whose row i uses adapter row_adapters[i] (None: the base alone)."""
+        rows = self.row_adapters
+        if len(rows) != x.shape[0]:
+            raise ValueError(f"per_row got {len(rows)} adapter names for a batch of {x.shape[0]} rows")
+        for name in dict.fromkeys(n for n in rows if n is not None):
+            if name not in self.lora_A:
+                continue  # this adapter does not target this layer
+            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=out.device)
+            delta = self._lora(x.index_select(0, idx), name)  # (b, T, out)
+            out = out.index_add(0, idx, delta.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        ranks = {n: self.lora_A[n].shape[0] for n in self.lora_A}
+        return f"kind={self.peftkit_kind}, adapters={ranks}, active={list(self.active)}, merged={self.merged}"

