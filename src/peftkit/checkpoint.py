@@ -95,10 +95,10 @@ def _atomic_write(target: Path, write) -> None:
 
 # --- loading ------------------------------------------------------------------------------------------
 def find_adapter_dir(directory: str | os.PathLike, name: str = "default") -> Path:
-    """The folder holding adapter_config.json: `directory` itself, or `directory/<name>` (PEFT saves
-    adapters other than "default" in subfolders named after them)."""
+    """The folder holding adapter_config.json: `directory/<name>` when it has one (PEFT saves adapters
+    other than "default" in subfolders named after them), else `directory` itself."""
     directory = Path(directory)
-    for candidate in (directory, directory / name):
+    for candidate in (directory / name, directory):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
     if not directory.exists():
