@@ -14,6 +14,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
 
 
@@ -46,7 +47,8 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     # The dequantized weights are plain; the gguf quantization tag would block later quantized loads.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.hf_quantizer = None
+    model.is_quantized = False
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if target.exists():  # another process finished first
@@ -90,4 +92,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None):
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)
     model.eval()
+    if name in ALIASES:  # record the public id, so saved adapters name the base PEFT users know
+        model.config._name_or_path = SMOLLM2_HUB_ID
     return model, tokenizer

@@ -1,0 +1,115 @@
+"""The `peftkit` command: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.model, rank=args.rank, targets=args.targets, steps=args.steps, lr=args.lr, out=args.out)
+    return 0 if result["agree"] else 1
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    """Print an adapter's config and tensors without loading any model."""
+    from .checkpoint import find_adapter_dir, read_adapter
+
+    config, tensors = read_adapter(args.adapter, args.name, allow_pickle=args.allow_pickle)
+    folder = find_adapter_dir(args.adapter, args.name)
+    n_params = sum(t.numel() for t in tensors.values())
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
+    if args.json:
+        print(json.dumps({"config": config.to_peft_dict(), "parameters": n_params, "modules": modules,
+                          "tensors": {k: list(t.shape) for k, t in tensors.items()}}, indent=2))
+        return 0
+    print(f"adapter: {folder}")
+    print(f"type: {config.peft_type}  r={config.r}  lora_alpha={config.lora_alpha}  rslora={config.use_rslora}")
+    print(f"targets: {config.target_modules}  base: {config.base_model_name_or_path}")
+    print(f"{len(tensors)} tensors, {n_params:,} parameters, on {len(modules)} modules")
+    for key in list(tensors)[: args.limit]:
+        print(f"  {key}  {tuple(tensors[key].shape)}  {tensors[key].dtype}")
+    if len(tensors) > args.limit:
+        print(f"  ... {len(tensors) - args.limit} more (--limit N to see them)")
+    return 0
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    """Which modules a target spec selects in a model, and what LoRA at rank r would add."""
+    from .config import LoraConfig
+    from .models import load_model
+    from .targeting import select_targets
+
+    model, _ = load_model(args.model)
+    spec = args.target_modules[0] if len(args.target_modules) == 1 and (
+        args.target_modules[0] == "all-linear" or args.regex) else args.target_modules
+    config = LoraConfig(r=args.rank, target_modules=spec, exclude_modules=args.exclude or None)
+    selected = select_targets(model, config)
+    from .methods.lora import factor_shapes
+    from .targeting import adaptable_kind
+
+    added = 0
+    for name, module in selected:
+        a, b = factor_shapes(adaptable_kind(module), module, config.rank_for(name))
+        added += a[0] * a[1] + b[0] * b[1]
+        if args.verbose:
+            print(f"  {name}  A{a} B{b}")
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{len(selected)} modules selected; LoRA r={args.rank} adds {added:,} parameters "
+          f"({100 * added / total:.3f}% of {total:,})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning, "
+                                     "with adapters in HF PEFT's file format.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="inject, briefly train, save, load, merge LoRA on the default model",
+                          description="Show the core on SmolLM2-135M-Instruct: inject LoRA, print the trainable "
+                          "share, train a few steps, save (PEFT format), load into a fresh model, merge, and "
+                          "check that all outputs agree. Exit status 1 if they do not.")
+    demo.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a transformers dir or a .gguf file")
+    demo.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    demo.add_argument("--targets", default="all-linear", help="target_modules (default all-linear)")
+    demo.add_argument("--steps", type=int, default=12, help="optimizer steps on the demo example (default 12)")
+    demo.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
+    demo.add_argument("--out", default=None, help="where to save the adapter (default: a temporary directory)")
+    demo.set_defaults(func=_cmd_demo)
+
+    inspect = sub.add_parser("inspect", help="show an adapter directory's config and tensors",
+                             description="Read a PEFT-format adapter (ours or HF PEFT's) without a model.")
+    inspect.add_argument("adapter", help="adapter directory (with adapter_config.json)")
+    inspect.add_argument("--name", default="default", help="adapter name, for PEFT's per-name subfolders")
+    inspect.add_argument("--limit", type=int, default=12, help="tensors to list (default 12)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument("--allow-pickle", action="store_true",
+                         help="read adapter_model.bin (pickle) if there is no safetensors file; only for trusted files")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    targets = sub.add_parser("targets", help="list the modules a target spec selects in a model",
+                             description="Apply PEFT's target rules to a model and count what LoRA would add.")
+    targets.add_argument("target_modules", nargs="+", help="module names, 'all-linear', or one regex with --regex")
+    targets.add_argument("--model", default="smollm2", help="'smollm2', a transformers dir or a .gguf file")
+    targets.add_argument("--regex", action="store_true", help="treat the single target as a fullmatch regex")
+    targets.add_argument("--exclude", nargs="*", default=[], help="module names to exclude")
+    targets.add_argument("--rank", type=int, default=8, help="rank used for the parameter count (default 8)")
+    targets.add_argument("-v", "--verbose", action="store_true", help="list every selected module")
+    targets.set_defaults(func=_cmd_targets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"peftkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
