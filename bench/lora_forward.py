@@ -13,7 +13,7 @@ and the MEDIAN per variant is reported as a ratio to the base: absolute times ar
 Threads default to 1: on the 2-core shared VMs, torch's default of 2 OpenMP threads ran these forwards
 6-15x slower and with a spread as large as the median, which drowns any LoRA overhead.
 
-Run:  python bench/lora_forward.py [--models tiny,smollm2] [--seq 128] [--repeats N] [--threads 1] [--json out.json]
+Run:  python bench/lora_forward.py [--models tiny,smollm2] [--seq 128] [--repeats N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -85,7 +87,8 @@ def build_variants(base: nn.Module, ids: torch.Tensor, args: argparse.Namespace)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp)
-    variants = {"base": base, "pk-merged": merged, "pk-unmerg": unmerged, "hf-unmerg": hf.eval()}
+    # the base is timed as a deep copy too: a freshly loaded model may still read mmapped weight files
+    variants = {"base": copy.deepcopy(base), "pk-merged": merged, "pk-unmerg": unmerged, "hf-unmerg": hf.eval()}
     n_layers = sum(isinstance(m, peftkit.LoraLayer) for m in unmerged.modules())
     print(f"  adapter: r={args.rank} alpha={2 * args.rank} targets={args.targets} -> {n_layers} LoRA layers")
     with torch.inference_mode():
@@ -123,6 +126,23 @@ def time_variants(variants: dict[str, nn.Module], ids: torch.Tensor, repeats: in
     return times
 
 
+def overhead_ratio(times: dict[str, list[float]]) -> float | None:
+    base = statistics.median(times["base"])
+    d_pk, d_hf = statistics.median(times["pk-unmerg"]) - base, statistics.median(times["hf-unmerg"]) - base
+    return d_pk / d_hf if d_hf > 0 else None
+
+
+def bootstrap_overhead(times: dict[str, list[float]], n: int = 1000) -> tuple[float, float] | None:
+    """5th-95th percentile of overhead_ratio over rounds resampled with replacement: how much is noise."""
+    rng, rounds = random.Random(0), len(times["base"])
+    stats = []
+    for _ in range(n):
+        pick = [rng.randrange(rounds) for _ in range(rounds)]
+        stats.append(overhead_ratio({k: [v[i] for i in pick] for k, v in times.items()}))
+    stats = sorted(x if x is not None else math.inf for x in stats)
+    return (stats[n // 20], stats[n - n // 20 - 1]) if rounds >= 5 else None
+
+
 def summarize(model: str, times: dict[str, list[float]]) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["base"]
@@ -138,7 +158,8 @@ def summarize(model: str, times: dict[str, list[float]]) -> dict:
                    for k, v in times.items()} if len(times["base"]) >= 2 else {},
         "merged_over_base": med["pk-merged"] / base,
         "pk_over_hf_unmerged": med["pk-unmerg"] / med["hf-unmerg"],
-        "pk_overhead_over_hf_overhead": d_pk / d_hf if d_hf > 0 else None,
+        "pk_overhead_over_hf_overhead": overhead_ratio(times),
+        "pk_overhead_over_hf_overhead_90ci": bootstrap_overhead(times),
         "overhead_ms": {"peftkit": 1e3 * d_pk, "hf_peft": 1e3 * d_hf},
         "raw_ms": {k: [round(1e3 * t, 4) for t in v] for k, v in times.items()},
     }
@@ -156,6 +177,8 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         ovh = r["pk_overhead_over_hf_overhead"]
         ovh_s = "n/a (HF PEFT overhead <= 0, below noise)" if ovh is None else f"{ovh:.3f}"
+        if ovh is not None and r["pk_overhead_over_hf_overhead_90ci"]:
+            ovh_s += " (bootstrap 90%% interval %.2f-%.2f)" % r["pk_overhead_over_hf_overhead_90ci"]
         print(f"[{r['model']}] merged/base = {r['merged_over_base']:.3f} (target <= 1.02)")
         print(f"[{r['model']}] peftkit unmerged overhead / HF PEFT unmerged overhead = {ovh_s} (target <= 1.0)"
               f"   [overheads: peftkit {r['overhead_ms']['peftkit']:+.3f} ms, "
