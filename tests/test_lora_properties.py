@@ -206,3 +206,23 @@ def test_merge_and_unload_leaves_no_trace(model_case):
     assert "peftkit_configs" not in model.__dict__
     assert not any("lora" in k for k in model.state_dict())
     torch.testing.assert_close(run(model, ids), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_deepcopy_and_pickle_keep_each_copy_on_its_own_weights(tmp_path):
+    """Merged layers call their base directly; copies must call THEIR base, not the original's."""
+    from conftest import tiny_llama
+
+    model, ids = tiny_llama(), inputs("llama")
+    nonzero_adapter(model, ["q_proj", "v_proj"])
+    adapted = run(model, ids)
+    peftkit.merge(model)
+    clone = copy.deepcopy(model)
+    torch.save(model, tmp_path / "m.pt")
+    restored = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    for other in (clone, restored):
+        torch.testing.assert_close(run(other, ids), adapted, atol=1e-5, rtol=0)
+        peftkit.unmerge(other)
+        torch.testing.assert_close(run(other, ids), adapted, atol=1e-5, rtol=0)

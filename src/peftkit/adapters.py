@@ -18,7 +18,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     for name in names:
         require_adapter(model, name)
     for _, w in wrappers(model):
-        w.active = tuple(names)
+        w.set_active(tuple(names))
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -59,12 +59,12 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
         unmerge(model)
     states = [(w, w.disabled) for _, w in wrappers(model)]
     for w, _ in states:
-        w.disabled = True
+        w.set_disabled(True)
     try:
         yield
     finally:
         for w, before in states:
-            w.disabled = before
+            w.set_disabled(before)
         if merged:
             merge(model, merged)
 
@@ -86,12 +86,12 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
         raise RuntimeError("per_row needs unmerged adapters; call peftkit.unmerge(model) first")
     layers = [w for _, w in wrappers(model)]
     for w in layers:
-        w.row_adapters = names
+        w.set_rows(names)
     try:
         yield
     finally:
         for w in layers:
-            w.row_adapters = None
+            w.set_rows(None)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

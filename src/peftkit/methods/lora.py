@@ -68,8 +68,10 @@ class LoraLayer(nn.Module):
         self.dropout: dict[str, float] = {}
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
+        self.pending: tuple[str, ...] = ()  # active, present here and not merged: what forward adds
         self.disabled = False
         self.row_adapters: list[str | None] | None = None  # set by peftkit.per_row for mixed batches
+        self._refresh()
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return factor_shapes(self.peftkit_kind, self.base, r)
@@ -124,6 +126,28 @@ class LoraLayer(nn.Module):
         residual = W - s * (B @ A)
         set_dense_weight(self.base, self._from_out_in(residual).to(get_dense_weight(self.base).dtype))
 
+    def set_active(self, names: tuple[str, ...]) -> None:
+        self.active = tuple(names)
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self._refresh()
+
+    def set_rows(self, rows: list[str | None] | None) -> None:
+        self.row_adapters = rows
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.pending = tuple(n for n in self.active if n in self.lora_A and n not in self.merged)
+        # With nothing to add (merged, disabled or no adapter active here) calls go straight to the base's
+        # forward: the wrapper then costs no extra Python frame (about 7 us a layer at one token). Forward
+        # hooks registered on the base module itself are skipped in that state.
+        if (self.disabled or not self.pending) and self.row_adapters is None:
+            self.__dict__["forward"] = self.base.forward
+        else:
+            self.__dict__.pop("forward", None)
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
@@ -131,7 +155,7 @@ class LoraLayer(nn.Module):
             del store[name]
         self.scaling.pop(name)
         self.dropout.pop(name)
-        self.active = tuple(n for n in self.active if n != name)
+        self.set_active(tuple(n for n in self.active if n != name))
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
@@ -160,6 +184,7 @@ class LoraLayer(nn.Module):
         else:
             W.add_(self.delta_weight(name).to(W.dtype))
         self.merged.append(name)
+        self._refresh()
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
@@ -171,21 +196,30 @@ class LoraLayer(nn.Module):
         else:
             W.sub_(self.delta_weight(name).to(W.dtype))
         self.merged.remove(name)
+        self._refresh()
 
     # --- forward ----------------------------------------------------------------------------------
-    def _lora(self, x: Tensor, name: str) -> Tensor:
-        """The adapter's additive term for input x (no base output)."""
-        A, B = self.lora_A[name], self.lora_B[name]
+    def _hidden(self, x: Tensor, name: str) -> Tensor:
+        """A's output for input x: (..., r)."""
+        A = self.lora_A[name]
         if self.peftkit_kind == "embedding":
             base = self.base
-            h = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
-                            base.scale_grad_by_freq, base.sparse)  # (B, T, r)
-        else:
-            p = self.dropout[name]
-            if p > 0.0 and self.training:
-                x = F.dropout(x, p=p, training=True)
-            h = x.to(A.dtype) @ A.T  # (B, T, r)
-        return (h @ B.T) * self.scaling[name]  # (B, T, out)
+            return F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
+                               base.scale_grad_by_freq, base.sparse)  # (B, T, r)
+        p = self.dropout[name]
+        if p > 0.0 and self.training:
+            x = F.dropout(x, p=p, training=True)
+        return x.to(A.dtype) @ A.T  # (B, T, r)
+
+    def _add_lora(self, out: Tensor, x: Tensor, name: str) -> Tensor:
+        """out + scaling * B(A(x)), with the scale fused into one addmm; in place when nothing needs grad."""
+        h = self._hidden(x, name)  # (B, T, r)
+        B = self.lora_B[name].to(out.dtype)
+        out2d = out.reshape(-1, out.shape[-1])  # (B*T, out)
+        h2d = h.reshape(-1, h.shape[-1]).to(out.dtype)  # (B*T, r)
+        if not (out.requires_grad or h2d.requires_grad or B.requires_grad) and out2d.data_ptr() == out.data_ptr():
+            return out2d.addmm_(h2d, B.T, alpha=self.scaling[name]).view(out.shape)
+        return torch.addmm(out2d, h2d, B.T, alpha=self.scaling[name]).view(out.shape)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base(x, *args, **kwargs)
@@ -193,10 +227,8 @@ class LoraLayer(nn.Module):
             return out
         if self.row_adapters is not None:
             return self._forward_rows(x, out)
-        for name in self.active:
-            if name in self.merged or name not in self.lora_A:
-                continue
-            out = out + self._lora(x, name).to(out.dtype)
+        for name in self.pending:
+            out = self._add_lora(out, x, name)
         return out
 
     def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
@@ -208,7 +240,7 @@ class LoraLayer(nn.Module):
             if name not in self.lora_A:
                 continue  # this adapter does not target this layer
             idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=out.device)
-            delta = self._lora(x.index_select(0, idx), name)  # (b, T, out)
+            delta = (self._hidden(x.index_select(0, idx), name) @ self.lora_B[name].T) * self.scaling[name]
             out = out.index_add(0, idx, delta.to(out.dtype))
         return out
 

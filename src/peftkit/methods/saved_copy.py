@@ -32,9 +32,18 @@ class SavedCopy(nn.Module):
             p.requires_grad_(True)
         self.copies[name] = module
 
+    def set_active(self, names: tuple[str, ...]) -> None:
+        self.active = tuple(names)
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+
+    def set_rows(self, rows: list[str | None] | None) -> None:
+        self.row_adapters = rows
+
     def delete_adapter(self, name: str) -> None:
         del self.copies[name]
-        self.active = tuple(n for n in self.active if n != name)
+        self.set_active(tuple(n for n in self.active if n != name))
 
     def adapter_names(self) -> list[str]:
         return list(self.copies.keys())
