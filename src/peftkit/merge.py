@@ -83,15 +83,33 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool = False) -> nn.Module:
+def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool = False,
+                     dtype: torch.dtype | None = None, requantize: bool = False) -> nn.Module:
     """Merge (default: the active adapters), then put the plain modules back: no trace of peftkit remains.
-    A module in modules_to_save becomes the merged adapter's trained copy."""
+    A module in modules_to_save becomes the merged adapter's trained copy.
+
+    A 4-bit (NF4) base is dequantized first, so the merge is exact and the result is a dense model in
+    `dtype` (default: the dtype the weights had before quantization). `requantize=True` quantizes the
+    merged model to NF4 again, which adds a second rounding error (a warning says so)."""
+    from .quant.linear import NF4Linear, dequantize_model, quantize
+
     names = _names(model, names)
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    if quantized:
+        settings = (quantized[0].blocksize, quantized[0].double_quant, quantized[0].compute_dtype)
+        dequantize_model(model, dtype)
     merge(model, names, safe=safe)
     with_copy = [n for n in names if any(n in getattr(w, "copies", {}) for _, w in wrappers(model))]
     if len(with_copy) > 1:
         raise ValueError(f"adapters {with_copy} each carry their own copy of a saved module; unload one at a time")
-    return remove_wrappers(model, keep_copy_of=with_copy[0] if with_copy else None)
+    remove_wrappers(model, keep_copy_of=with_copy[0] if with_copy else None)
+    if requantize:
+        if not quantized:
+            raise ValueError("requantize=True applies to a model whose base was NF4-quantized")
+        warnings.warn("requantizing the merged model to NF4: the merged weights are rounded to 4 bits again, so "
+                      "its outputs differ slightly from the merged dense model", stacklevel=2)
+        quantize(model, "nf4", blocksize=settings[0], double_quant=settings[1], compute_dtype=settings[2])
+    return model
 
 
 # --- combining adapters -------------------------------------------------------------------------------

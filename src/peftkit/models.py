@@ -83,14 +83,26 @@ def resolve_model_dir(name: str) -> Path:
     )
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype=None):
-    """(model, tokenizer) for `name`, in eval mode, fp32 unless `dtype` says otherwise."""
+def load_model(name: str = DEFAULT_MODEL, dtype=None, quantize: str | None = None, double_quant: bool = True,
+               blocksize: int = 64, compute_dtype=None):
+    """(model, tokenizer) for `name`, in eval mode, fp32 unless `dtype` says otherwise.
+
+    With quantize="nf4" the linear layers (not the head or embeddings) are loaded straight into NF4,
+    tensor by tensor, so the full-precision model never sits in memory at once (see load_nf4)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = resolve_model_dir(name)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)
+    if quantize is not None:
+        from .quant.loading import load_nf4
+
+        if quantize != "nf4":
+            raise ValueError(f"quantize={quantize!r} is not supported; use 'nf4'")
+        model = load_nf4(directory, dtype=dtype or torch.float32, double_quant=double_quant, blocksize=blocksize,
+                         compute_dtype=compute_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)
     model.eval()
     if name in ALIASES:  # record the public id, so saved adapters name the base PEFT users know
         model.config._name_or_path = SMOLLM2_HUB_ID

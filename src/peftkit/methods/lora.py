@@ -40,14 +40,27 @@ def set_dense_weight(base: nn.Module, weight: Tensor) -> None:
 
 def adapter_dtype(base: nn.Module) -> torch.dtype:
     """Adapters train in fp32 over a half-precision or quantized base (as PEFT's autocast_adapter_dtype)."""
-    dtype = get_dense_weight(base).dtype if isinstance(base, WeightAccess) else base.weight.dtype
+    dtype = torch.float32 if isinstance(base, WeightAccess) else base.weight.dtype
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def base_device(base: nn.Module) -> torch.device:
+    for t in (*base.parameters(), *base.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def factor_shapes(kind: str, base: nn.Module, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Shapes of A and B at rank r, as stored in PEFT files. For an embedding, in = num_embeddings."""
-    w = get_dense_weight(base)
-    n_in, n_out = (w.shape[1], w.shape[0]) if kind == "linear" else (w.shape[0], w.shape[1])
+    """Shapes of A and B at rank r, as stored in PEFT files. For an embedding, in = num_embeddings.
+    Read from the module's attributes, so a quantized base is never dequantized for it."""
+    if kind == "embedding":
+        n_in, n_out = base.num_embeddings, base.embedding_dim
+    elif kind == "conv1d":
+        n_in, n_out = base.weight.shape
+    elif hasattr(base, "in_features"):
+        n_in, n_out = base.in_features, base.out_features
+    else:
+        n_out, n_in = get_dense_weight(base).shape
     return (r, n_in), (n_out, r)
 
 
@@ -80,7 +93,7 @@ class LoraLayer(nn.Module):
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: bool | str) -> None:
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists in this layer")
-        device = get_dense_weight(self.base).device
+        device = base_device(self.base)
         dtype = adapter_dtype(self.base)
         (a_shape, b_shape) = self.factor_shapes(r)
         A = torch.empty(a_shape, device=device, dtype=dtype)

@@ -1,0 +1,147 @@
+"""A frozen NF4 linear layer used as a base under LoRA (QLoRA), and `quantize(model)` to put it in place.
+
+The weight lives as buffers (packed codes and statistics) so `.to(device)`, `state_dict()` and
+safetensors work as for any module. Each forward dequantizes the weight in the compute dtype, and the
+backward dequantizes it again instead of keeping the dense weight alive between the two: only the
+4-bit form stays in memory while adapters train on top.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import nf4
+from ..targeting import is_conv1d, is_linear_like, matches, named_modules_outside_wrappers, output_head_names
+
+BUFFER_NAMES = ("packed", "stored_absmax", "qabsmax", "absmax_scales", "absmax_offset")
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ W.T with W dequantized on the fly, in forward and again in backward (nothing dense saved)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, module: NF4Linear) -> Tensor:
+        ctx.module = module
+        return F.linear(x, module.dense(x.dtype))  # (B, T, out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.module.dense(grad.dtype), None  # (B, T, in)
+
+
+class NF4Linear(nn.Module):
+    """y = x W^T + b with W frozen in NF4. Offers get/set_dense_weight, so LoRA can merge into it."""
+
+    peftkit_linear_like = True
+
+    def __init__(self, q: nf4.NF4Weight, bias: Tensor | None = None, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if len(q.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D (out, in) weight, got shape {tuple(q.shape)}")
+        self.out_features, self.in_features = q.shape
+        self.blocksize = q.blocksize
+        self.weight_dtype = q.dtype
+        self.compute_dtype = compute_dtype or q.dtype
+        self._set_buffers(q)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def _set_buffers(self, q: nf4.NF4Weight) -> None:
+        stored = q.tensors()
+        for name in BUFFER_NAMES:
+            self.register_buffer(name, stored.get(name), persistent=True)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.qabsmax is not None
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> NF4Linear:
+        """Quantize an nn.Linear (or a transformers Conv1D, whose (in, out) weight is transposed)."""
+        if isinstance(module, NF4Linear):
+            raise ValueError("this layer is already NF4-quantized; quantizing it again would compound the error")
+        weight = module.weight.detach()
+        weight = weight.T if is_conv1d(module) else weight
+        q = nf4.quantize(weight.contiguous(), blocksize=blocksize, double_quant=double_quant)
+        return cls(q, getattr(module, "bias", None), compute_dtype)
+
+    def quantized(self) -> nf4.NF4Weight:
+        return nf4.NF4Weight(packed=self.packed, shape=torch.Size((self.out_features, self.in_features)),
+                             dtype=self.weight_dtype, blocksize=self.blocksize, stored_absmax=self.stored_absmax,
+                             qabsmax=self.qabsmax, absmax_scales=self.absmax_scales, absmax_offset=self.absmax_offset)
+
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return nf4.dequantize(self.quantized(), dtype or self.compute_dtype)
+
+    # WeightAccess: what LoRA's merge uses
+    def get_dense_weight(self) -> Tensor:
+        return self.dense(torch.float32)
+
+    def set_dense_weight(self, weight: Tensor) -> None:
+        warnings.warn("writing a dense weight into an NF4 layer requantizes it: the 4-bit rounding error changes "
+                      "the result, and unmerging will not restore the original exactly. For an exact merge use "
+                      "merge_and_unload(model, dtype=...), which returns dense layers.", stacklevel=4)
+        self._set_buffers(nf4.quantize(weight.to(self.weight_dtype), self.blocksize, self.double_quant))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = _NF4Matmul.apply(x.to(self.compute_dtype), self)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain nn.Linear holding the dequantized weight."""
+        dtype = dtype or self.weight_dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.packed.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.dense(dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+def quantize(model: nn.Module, method: str = "nf4", double_quant: bool = True, blocksize: int = 64,
+             compute_dtype: torch.dtype | None = None, modules: list[str] | str | None = None) -> nn.Module:
+    """Replace the model's linear layers (not the output head or embeddings, unless `modules` names them)
+    by frozen NF4 layers, in place. Returns the model. LoRA can then be injected on top (QLoRA)."""
+    if method != "nf4":
+        raise ValueError(f"quantization method {method!r} is not supported; use 'nf4'")
+    heads = output_head_names(model)
+    chosen = []
+    for name, module in named_modules_outside_wrappers(model):
+        if isinstance(module, NF4Linear) and (modules is None or matches(modules, name)):
+            raise ValueError(f"{name} is already NF4-quantized; quantize a model once")
+        picked = matches(modules, name) if modules is not None else (is_linear_like(module) and name not in heads)
+        if picked:
+            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+                raise ValueError(f"{name} ({type(module).__name__}) is not a linear layer and cannot be NF4-quantized")
+            chosen.append((name, module))
+    if not chosen:
+        raise ValueError(f"no linear layer to quantize (modules={modules!r})")
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, NF4Linear.from_linear(module, blocksize, double_quant, compute_dtype))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every NF4Linear (also the bases inside LoRA layers) by a dense nn.Linear, in place."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, NF4Linear):
+                setattr(module, child_name, child.to_linear(dtype))
+    return model

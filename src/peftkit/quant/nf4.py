@@ -1,0 +1,206 @@
+"""4-bit NormalFloat (NF4) with blockwise absmax and double quantization, in pure PyTorch (any device).
+
+Bit-exact with bitsandbytes' `quantize_4bit(..., quant_type="nf4")` on CPU (tested in tests/quant):
+- each block of `blocksize` values is scaled by its absmax into [-1, 1] and every value takes the index
+  of the nearest of the 16 NF4 codes (ties go to the lower code, through midpoint thresholds);
+- two codes share a byte: element 2j in the HIGH nibble, 2j+1 in the low one; an odd count is padded with the value 0.0 (code 7);
+- double quantization stores the fp32 absmax values as 8 bits: subtract their mean (the offset), then
+  quantize them blockwise (256 a block) with the signed dynamic map; 4.127 bits per weight instead of 4.5.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+ABSMAX_BLOCKSIZE = 256
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _codes(device: torch.device) -> tuple[Tensor, Tensor]:
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return code, (code[:-1] + code[1:]) / 2  # (16,), midpoints (15,)
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> Tensor:
+    """The signed 8-bit dynamic map used for the absmax statistics (256 sorted values in [-1, 1]).
+
+    7 decades of magnitude (1e-6 .. 1), each split linearly into 2**i + 1 boundaries whose midpoints
+    are the codes, mirrored for negative values, plus 0 and 1 (the lowest code is about -0.993)."""
+    values: list[float] = []
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2 ** i + 1)
+        means = ((bounds[:-1] + bounds[1:]) / 2.0) * (10 ** (-6 + i))
+        values += means.tolist() + (-means).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (256 - len(values))
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+@dataclass
+class NF4Weight:
+    """A quantized weight. `packed` holds two 4-bit codes a byte; the statistics rescale each block.
+
+    Without double quantization `absmax` is stored as fp32, one per block. With it, `qabsmax` (uint8,
+    one per block), `absmax_scales` (fp32, one per 256 blocks) and `absmax_offset` (the mean) are
+    stored instead, and `absmax` is computed from them on access.
+    """
+
+    packed: Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    stored_absmax: Tensor | None = None
+    qabsmax: Tensor | None = None
+    absmax_scales: Tensor | None = None
+    absmax_offset: Tensor | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.qabsmax is not None
+
+    @property
+    def absmax(self) -> Tensor:
+        """fp32 absmax per block (dequantized from 8 bits when double-quantized)."""
+        if self.stored_absmax is not None:
+            return self.stored_absmax
+        code = dynamic_map(self.qabsmax.device)
+        return _dequantize_8bit(self.qabsmax, self.absmax_scales, code, ABSMAX_BLOCKSIZE) + self.absmax_offset
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def nbytes(self) -> int:
+        """Bytes this weight occupies: packed codes plus statistics."""
+        tensors = [self.packed, self.stored_absmax, self.qabsmax, self.absmax_scales, self.absmax_offset]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors by name (for safetensors)."""
+        names = ("packed", "stored_absmax", "qabsmax", "absmax_scales", "absmax_offset")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def to(self, device: torch.device | str) -> NF4Weight:
+        moved = {n: t.to(device) for n, t in self.tensors().items()}
+        return NF4Weight(shape=self.shape, dtype=self.dtype, blocksize=self.blocksize, **moved)
+
+
+def _check(weight: Tensor, blocksize: int) -> None:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"quantize expects a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"NF4 quantizes float32/float16/bfloat16 weights, got {weight.dtype}; "
+                         "an integer or already-quantized tensor cannot be quantized again")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize} is not supported; use one of {BLOCKSIZES}")
+    if weight.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor of shape {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("cannot quantize a weight with NaN or inf values")
+
+
+def _blockwise_absmax(flat: Tensor, blocksize: int) -> Tensor:
+    """Per-block max |x| of a flat fp32 tensor; the last block may be short."""
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = flat[:full].view(-1, blocksize).abs().amax(dim=1)
+    if full < n:
+        absmax = torch.cat([absmax, flat[full:].abs().amax().view(1)])
+    return absmax
+
+
+def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
+    """NF4-quantize a float tensor of any shape (flattened row-major)."""
+    _check(weight, blocksize)
+    flat = weight.detach().reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = _blockwise_absmax(flat, blocksize)
+    # Full blocks multiply by the reciprocal, the short tail block divides: bitsandbytes does exactly
+    # this, and a different rounding would move values that sit on a threshold.
+    inv = 1.0 / absmax[: full // blocksize].clamp(min=1e-38)
+    scaled = (flat[:full].view(-1, blocksize) * inv[:, None]).reshape(-1)
+    if full < n:
+        scaled = torch.cat([scaled, flat[full:] / absmax[-1].clamp(min=1e-38)])
+    scaled = scaled.clamp(-1, 1)
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    _, midpoints = _codes(flat.device)
+    q = torch.bucketize(scaled, midpoints).to(torch.uint8)  # (n,) codes 0..15, ties to the lower one
+    packed = (q[0::2] << 4) | q[1::2]  # (ceil(n/2),)
+    result = NF4Weight(packed=packed, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize)
+    if not double_quant:
+        result.stored_absmax = absmax
+        return result
+    offset = absmax.mean()
+    qabsmax, scales = _quantize_8bit(absmax - offset, dynamic_map(flat.device), ABSMAX_BLOCKSIZE)
+    result.qabsmax, result.absmax_scales, result.absmax_offset = qabsmax, scales, offset
+    return result
+
+
+def dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> Tensor:
+    """The dense tensor back, computed in fp32 and cast to `dtype` (default: the original dtype)."""
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"dequantize expects an NF4Weight, got {type(q).__name__}")
+    code, _ = _codes(q.packed.device)
+    n = q.numel
+    idx = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).view(-1)[:n]  # (n,) high nibble first
+    values = code[idx.long()]
+    absmax = q.absmax
+    full = n - n % q.blocksize
+    out = torch.empty(n, dtype=torch.float32, device=values.device)
+    out[:full] = (values[:full].view(-1, q.blocksize) * absmax[: full // q.blocksize, None]).view(-1)
+    if full < n:
+        out[full:] = values[full:] * absmax[-1]
+    return out.view(q.shape).to(dtype or q.dtype)
+
+
+LUT_SIZE = 65536
+
+
+@functools.lru_cache(maxsize=4)
+def _lut(code_bytes: bytes) -> Tensor:
+    """Code index for each of 65536 evenly spaced points of [-1, 1]: the nearest code by float32 midpoints
+    (the number of midpoints strictly below the point). bitsandbytes' CPU kernel quantizes through such a
+    table, so values are rounded to the grid before the nearest code is chosen; reproduced for equal bytes."""
+    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / (LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, grid).to(torch.uint8)
+
+
+def _quantize_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """Blockwise 8-bit quantization with a sorted 256-entry code, as bitsandbytes' CPU kernel does it:
+    scale by 1/absmax, round to a 65536-point grid of [-1, 1], look the code index up in a table.
+    An all-zero block gets code 0 and scale 0."""
+    absmax = _blockwise_absmax(x, blocksize)
+    block_of = torch.arange(x.numel(), device=x.device) // blocksize
+    inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
+    normed = (x * inv[block_of]).clamp(-1.0, 1.0)
+    # (v + 1) * 0.5 * 65535 + 0.5 with the last two steps fused (one rounding), as the compiled kernel does
+    half = (normed + 1.0) * 0.5
+    grid_idx = (half.double() * (LUT_SIZE - 1) + 0.5).float().to(torch.int64)
+    lut = _lut(code.cpu().contiguous().numpy().tobytes()).to(x.device)
+    idx = torch.where((absmax == 0)[block_of], torch.zeros_like(grid_idx), lut[grid_idx].long())
+    return idx.to(torch.uint8), absmax
+
+
+def _dequantize_8bit(q: Tensor, absmax: Tensor, code: Tensor, blocksize: int) -> Tensor:
+    block_of = torch.arange(q.numel(), device=q.device) // blocksize
+    return code[q.long()] * absmax[block_of]
+
+
+def bits_per_parameter(q: NF4Weight) -> float:
+    return 8 * q.nbytes() / q.numel
