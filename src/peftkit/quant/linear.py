@@ -71,6 +71,29 @@ class NF4Linear(nn.Module):
         q = nf4.quantize(weight.contiguous(), blocksize=blocksize, double_quant=double_quant)
         return cls(q, getattr(module, "bias", None), compute_dtype)
 
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, bias: bool, blocksize: int, double_quant: bool,
+              weight_dtype: torch.dtype, compute_dtype: torch.dtype | None = None) -> NF4Linear:
+        """A layer with buffers of the right shapes and no values, to load a saved state_dict into."""
+        n = out_features * in_features
+        blocks = -(-n // blocksize)
+        q = nf4.NF4Weight(packed=torch.zeros((n + 1) // 2, dtype=torch.uint8),
+                          shape=torch.Size((out_features, in_features)), dtype=weight_dtype, blocksize=blocksize)
+        if double_quant:
+            q.qabsmax = torch.zeros(blocks, dtype=torch.uint8)
+            q.absmax_scales = torch.zeros(-(-blocks // nf4.ABSMAX_BLOCKSIZE))
+            q.absmax_offset = torch.zeros(())
+        else:
+            q.stored_absmax = torch.zeros(blocks)
+        return cls(q, torch.zeros(out_features, dtype=weight_dtype) if bias else None, compute_dtype)
+
+    def settings(self) -> dict:
+        """What `empty` needs to rebuild this layer (saved next to a quantized checkpoint)."""
+        return {"out_features": self.out_features, "in_features": self.in_features, "bias": self.bias is not None,
+                "blocksize": self.blocksize, "double_quant": self.double_quant,
+                "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
+                "compute_dtype": str(self.compute_dtype).removeprefix("torch.")}
+
     def quantized(self) -> nf4.NF4Weight:
         return nf4.NF4Weight(packed=self.packed, shape=torch.Size((self.out_features, self.in_features)),
                              dtype=self.weight_dtype, blocksize=self.blocksize, stored_absmax=self.stored_absmax,

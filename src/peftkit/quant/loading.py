@@ -103,3 +103,63 @@ def load_nf4(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, d
         raise ValueError(f"checkpoint in {directory} lacks tensors for: {left[:8]}")
     model.requires_grad_(False)
     return model
+
+
+QUANT_CONFIG = "peftkit_quantization.json"
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write a model with NF4 layers as `model.safetensors` (packed codes and statistics as tensors),
+    its transformers `config.json`, and `peftkit_quantization.json` listing each NF4 layer's settings.
+    Adapters are not included: save them with save_adapter."""
+    import json
+
+    from safetensors.torch import save_model
+
+    from ..inject import configs
+
+    if configs(model):
+        raise ValueError("the model carries adapters; save them with save_adapter and quantized base without "
+                         "them (delete_adapter, or save before inject)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = {name: m.settings() for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    if not layers:
+        raise ValueError("the model has no NF4 layers; use save_pretrained for a plain model")
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if hasattr(model, "config"):
+        model.config.save_pretrained(directory)
+    (directory / QUANT_CONFIG).write_text(json.dumps({"method": "nf4", "layers": layers}, indent=1))
+    return directory
+
+
+def load_quantized(directory: str | os.PathLike) -> nn.Module:
+    """Load what save_quantized wrote: the transformers model with its NF4 layers, no dequantization."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    meta_path = directory / QUANT_CONFIG
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} has no {QUANT_CONFIG}; it was not written by save_quantized")
+    layers = json.loads(meta_path.read_text())["layers"]
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    for name, st in layers.items():
+        parent, _, child = name.rpartition(".")
+        layer = NF4Linear.empty(st["out_features"], st["in_features"], st["bias"], st["blocksize"],
+                                st["double_quant"], getattr(torch, st["weight_dtype"]), getattr(torch, st["compute_dtype"]))
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    state = load_file(str(directory / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _rebuild_meta_buffers(model)
+    left = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
+    if unexpected or left:
+        raise ValueError(f"{directory}/model.safetensors does not match its config: unexpected {unexpected[:8]}, "
+                         f"missing {left[:8]}")
+    return model.requires_grad_(False).eval()
