@@ -23,6 +23,7 @@ from .merge import combine, merge, merge_and_unload, merged_adapters, unmerge
 from .methods.lora import LoraLayer, WeightAccess
 from .quant import nf4
 from .quant.linear import NF4Linear, dequantize_model, quantize
+from .quant.loading import load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,6 @@ __all__ = [
     "LoraConfig", "LoraLayer", "WeightAccess", "inject", "save_adapter", "load_adapter", "read_adapter",
     "adapter_state_dict", "merge", "unmerge", "merge_and_unload", "merged_adapters", "combine", "set_active",
     "active_adapters", "set_trainable", "delete_adapter", "disable_adapters", "per_row",
-    "trainable_parameters", "summary", "nf4", "NF4Linear", "quantize", "dequantize_model", "__version__",
+    "trainable_parameters", "summary", "nf4", "NF4Linear", "quantize", "dequantize_model",
+    "save_quantized", "load_quantized", "__version__",
 ]
