@@ -150,20 +150,32 @@ def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False) ->
     return result
 
 
+@functools.lru_cache(maxsize=8)
+def _pair_table(device: str) -> Tensor:
+    """(65536, 4) fp32: the four NF4 values held by each pair of packed bytes read as one little-endian
+    16-bit integer (byte 0's high and low nibble, then byte 1's). One gather yields four weights."""
+    code, _ = _codes(torch.device(device))
+    k = torch.arange(65536, device=device)
+    first, second = k & 0xFF, k >> 8
+    return torch.stack([code[first >> 4], code[first & 0xF], code[second >> 4], code[second & 0xF]], 1).contiguous()
+
+
 def dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> Tensor:
     """The dense tensor back, computed in fp32 and cast to `dtype` (default: the original dtype)."""
     if not isinstance(q, NF4Weight):
         raise TypeError(f"dequantize expects an NF4Weight, got {type(q).__name__}")
-    code, _ = _codes(q.packed.device)
-    n = q.numel
-    idx = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).view(-1)[:n]  # (n,) high nibble first
-    values = code[idx.long()]
+    packed = q.packed
+    if packed.numel() % 2:
+        packed = torch.cat([packed, packed.new_zeros(1)])
+    pairs = packed.view(torch.int16).to(torch.int32) & 0xFFFF  # (ceil(n/4),)
+    values = torch.index_select(_pair_table(str(packed.device)), 0, pairs).view(-1)[: q.numel]  # (n,)
     absmax = q.absmax
-    full = n - n % q.blocksize
-    out = torch.empty(n, dtype=torch.float32, device=values.device)
-    out[:full] = (values[:full].view(-1, q.blocksize) * absmax[: full // q.blocksize, None]).view(-1)
+    n, bs = q.numel, q.blocksize
+    full = n - n % bs
+    out = values  # scaled in place: `values` is a fresh tensor
+    out[:full].view(-1, bs).mul_(absmax[: full // bs, None])
     if full < n:
-        out[full:] = values[full:] * absmax[-1]
+        out[full:].mul_(absmax[-1])
     return out.view(q.shape).to(dtype or q.dtype)
 
 
