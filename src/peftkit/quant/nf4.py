@@ -121,6 +121,18 @@ def _blockwise_absmax(flat: Tensor, blocksize: int) -> Tensor:
     return absmax
 
 
+def _nearest_code(scaled: Tensor) -> Tensor:
+    """Index of the nearest NF4 code: the number of midpoints strictly below each value (what
+    torch.bucketize returns, so ties go to the lower code), summed over 15 comparisons in uint8,
+    which runs about twice as fast as bucketize on a CPU."""
+    _, midpoints = _codes(torch.device("cpu"))
+    thresholds = midpoints.tolist()  # exact fp32 values; compared in the tensor's fp32
+    idx = (scaled > thresholds[0]).to(torch.uint8)
+    for threshold in thresholds[1:]:
+        idx.add_(scaled > threshold)
+    return idx
+
+
 def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
     """NF4-quantize a float tensor of any shape (flattened row-major)."""
     _check(weight, blocksize)
@@ -137,8 +149,7 @@ def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False) ->
     scaled = scaled.clamp(-1, 1)
     if n % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    _, midpoints = _codes(flat.device)
-    q = torch.bucketize(scaled, midpoints).to(torch.uint8)  # (n,) codes 0..15, ties to the lower one
+    q = _nearest_code(scaled)  # (n,) codes 0..15, ties to the lower one
     packed = (q[0::2] << 4) | q[1::2]  # (ceil(n/2),)
     result = NF4Weight(packed=packed, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize)
     if not double_quant:
