@@ -8,6 +8,7 @@ backward dequantizes it again instead of keeping the dense weight alive between 
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -16,6 +17,18 @@ from torch import Tensor, nn
 
 from . import nf4
 from ..targeting import is_conv1d, is_linear_like, matches, named_modules_outside_wrappers, output_head_names
+
+_local = threading.local()
+
+
+def _scratch(numel: int) -> Tensor:
+    """A per-thread fp32 CPU buffer of at least `numel` elements, grown as needed and reused across
+    layers: dequantizing into fresh memory costs a page fault per 4 KiB, as much as the dequantization."""
+    buf = getattr(_local, "buffer", None)
+    if buf is None or buf.numel() < numel:
+        buf = _local.buffer = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
 
 BUFFER_NAMES = ("packed", "stored_absmax", "qabsmax", "absmax_scales", "absmax_offset")
 
@@ -26,13 +39,13 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, module: NF4Linear) -> Tensor:
         ctx.module = module
-        return F.linear(x, module.dense(x.dtype))  # (B, T, out)
+        return F.linear(x, module.dense(x.dtype, scratch=True))  # (B, T, out)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad @ ctx.module.dense(grad.dtype), None  # (B, T, in)
+        return grad @ ctx.module.dense(grad.dtype, scratch=True), None  # (B, T, in)
 
 
 class NF4Linear(nn.Module):
@@ -99,8 +112,14 @@ class NF4Linear(nn.Module):
                              dtype=self.weight_dtype, blocksize=self.blocksize, stored_absmax=self.stored_absmax,
                              qabsmax=self.qabsmax, absmax_scales=self.absmax_scales, absmax_offset=self.absmax_offset)
 
-    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
-        return nf4.dequantize(self.quantized(), dtype or self.compute_dtype)
+    def dense(self, dtype: torch.dtype | None = None, scratch: bool = False) -> Tensor:
+        """The dequantized weight. With scratch=True on a CPU, fp32 results are written into a per-thread
+        buffer that the next call overwrites: for use inside one matmul, never to keep."""
+        dtype = dtype or self.compute_dtype
+        q = self.quantized()
+        if scratch and dtype == torch.float32 and self.packed.device.type == "cpu":
+            return nf4.dequantize(q, dtype, out=_scratch(nf4.padded_numel(q)))
+        return nf4.dequantize(q, dtype)
 
     # WeightAccess: what LoRA's merge uses
     def get_dense_weight(self) -> Tensor:

@@ -171,23 +171,34 @@ def _pair_table(device: str) -> Tensor:
     return torch.stack([code[first >> 4], code[first & 0xF], code[second >> 4], code[second & 0xF]], 1).contiguous()
 
 
-def dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> Tensor:
-    """The dense tensor back, computed in fp32 and cast to `dtype` (default: the original dtype)."""
+def dequantize(q: NF4Weight, dtype: torch.dtype | None = None, out: Tensor | None = None) -> Tensor:
+    """The dense tensor back, computed in fp32 and cast to `dtype` (default: the original dtype).
+
+    `out`: an fp32 buffer of at least `padded_numel(q)` elements to write into instead of allocating
+    (a reused buffer avoids the page faults of a fresh allocation, which cost as much as the work)."""
     if not isinstance(q, NF4Weight):
         raise TypeError(f"dequantize expects an NF4Weight, got {type(q).__name__}")
     packed = q.packed
     if packed.numel() % 2:
         packed = torch.cat([packed, packed.new_zeros(1)])
-    pairs = packed.view(torch.int16).to(torch.int32) & 0xFFFF  # (ceil(n/4),)
-    values = torch.index_select(_pair_table(str(packed.device)), 0, pairs).view(-1)[: q.numel]  # (n,)
-    absmax = q.absmax
+    pairs = packed.view(torch.uint16).to(torch.int32)  # (ceil(n/4),)
+    table = _pair_table(str(packed.device))
+    if out is None:
+        values = torch.index_select(table, 0, pairs).view(-1)  # (4 * ceil(n/4),)
+    else:
+        values = out.view(-1)[: 4 * pairs.numel()]
+        torch.index_select(table, 0, pairs, out=values.view(-1, 4))
     n, bs = q.numel, q.blocksize
     full = n - n % bs
-    out = values  # scaled in place: `values` is a fresh tensor
-    out[:full].view(-1, bs).mul_(absmax[: full // bs, None])
+    values[:full].view(-1, bs).mul_(q.absmax[: full // bs, None])
     if full < n:
-        out[full:].mul_(absmax[-1])
-    return out.view(q.shape).to(dtype or q.dtype)
+        values[full:n].mul_(q.absmax[-1])
+    return values[:n].view(q.shape).to(dtype or q.dtype)
+
+
+def padded_numel(q: NF4Weight) -> int:
+    """Elements a buffer passed to dequantize(out=...) must hold."""
+    return 4 * -(-q.packed.numel() // 2)
 
 
 LUT_SIZE = 65536
