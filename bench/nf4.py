@@ -11,11 +11,16 @@ Rows (each a ratio peftkit / bitsandbytes unless said otherwise; absolute times 
      all-linear), batch 4 x 128 random ids, AdamW lr 1e-4; plus the weight memory of both models
 The two sides of each row are timed round-robin (the order alternating every round) after a warmup,
 and MEDIANS are compared. Threads default to 1: on the 2-core shared VMs two threads are very noisy.
+On CPU these ops are bound by memory and page faults on their large temporaries, so a process can settle
+into a faster or slower regime; the notes give the median of per-round ratios and the ratio of the
+fastest runs as cross-checks, and --json keeps every raw time.
 bitsandbytes on CPU: quantize_4bit is pure torch, dequantize_4bit is a C kernel, matmul_4bit is that
 dequantize followed by F.linear.
 
-Run:  python bench/nf4.py [--size 4096] [--repeats N] [--threads 1] [--skip-train] [--device cuda]
-      [--json out.json]
+Run:  python bench/nf4.py [--size 4096] [--linear-size 4096] [--repeats 7] [--train-repeats 3]
+                          [--threads 1] [--skip-train | --rows quant,linear,train] [--device cuda]
+                          [--json out.json]
+(about 2.5 minutes on 2 CPU cores, 45 s with --skip-train)
 """
 
 from __future__ import annotations
@@ -26,20 +31,37 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
+import traceback
 from collections.abc import Callable
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
-import peft
-import torch
-import transformers
-from torch import nn
+os.environ.setdefault("TQDM_DISABLE", "1")  # the model loaders' progress bars would garble the output
 
-import peftkit
-from peftkit.quant import nf4 as pk_nf4
+import bitsandbytes as bnb  # noqa: E402
+import bitsandbytes.functional as bnbF  # noqa: E402
+import peft  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch import nn  # noqa: E402
+
+import peftkit  # noqa: E402
+from peftkit.quant import nf4 as pk_nf4  # noqa: E402
 
 ROWS: list[dict] = []
+
+
+def git_commit() -> str:
+    """The checkout's commit (with '+dirty' when peftkit's sources differ from it), or '?'."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=os.path.dirname(here),
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (commit or "?") + ("+dirty" if dirty else "")
 
 
 def sync(device: torch.device) -> None:
@@ -47,8 +69,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def race(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin with the order alternating."""
+def race(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+         device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each function, timed round-robin with the order alternating every round."""
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(warmup):
@@ -66,20 +89,30 @@ def race(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device
                 times[k].append(time.perf_counter() - t0)
     finally:
         gc.enable()
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def add(row: str, pk: float, ref: float, ref_name: str, unit: str, value: float, target: float | None,
-        note: str = "") -> None:
+        note: str = "", **extra: object) -> None:
     ROWS.append({"row": row, "peftkit": pk, "reference": ref, "reference_name": ref_name, "unit": unit,
                  "value": value, "target": target, "met": None if target is None else value <= target,
-                 "note": note})
+                 "note": note, **extra})
+
+
+def add_times(row: str, times: dict[str, list[float]], pk: str, ref: str, ref_name: str, target: float) -> None:
+    """A timing row: ratio of medians, plus two looks at the noise: the median of per-round ratios and the
+    ratio of the fastest runs."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    paired = statistics.median(a / b for a, b in zip(times[pk], times[ref]))
+    note = f"paired {paired:.3f}, of minima {min(times[pk]) / min(times[ref]):.3f}"
+    add(row, 1e3 * med[pk], 1e3 * med[ref], ref_name, "ms", med[pk] / med[ref], target, note,
+        raw_ms={k: [round(1e3 * t, 3) for t in v] for k, v in times.items()})
 
 
 def time_row(row: str, pk_fn: Callable[[], object], bnb_fn: Callable[[], object], args: argparse.Namespace,
-             device: torch.device, repeats: int | None = None) -> None:
-    med = race({"pk": pk_fn, "bnb": bnb_fn}, repeats or args.repeats, args.warmup, device)
-    add(row, 1e3 * med["pk"], 1e3 * med["bnb"], "bnb", "ms", med["pk"] / med["bnb"], 1.0)
+             device: torch.device) -> None:
+    times = race({"pk": pk_fn, "bnb": bnb_fn}, args.repeats, args.warmup, device)
+    add_times(row, times, "pk", "bnb", "bnb", 1.0)
 
 
 def bnb_nbytes(packed: torch.Tensor, state: bnbF.QuantState) -> int:
@@ -107,9 +140,9 @@ def quant_rows(args: argparse.Namespace, device: torch.device) -> None:
         time_row(f"dequantize {n}x{n} ({label})",
                  lambda: pk_nf4.dequantize(q, dtype=torch.float32),
                  lambda: bnbF.dequantize_4bit(packed, state), args, device)
-        ROWS[-1]["note"] = f"bit-identical: {same}"
+        ROWS[-1]["note"] += f"; bit-identical: {same}"
         fp32 = q.numel * 4
-        add(f"bytes / fp32 bytes ({label})", q.nbytes() / fp32, bnb_nbytes(packed, state) / fp32, "bnb", "x",
+        add(f"bytes / fp32 ({label})", q.nbytes() / fp32, bnb_nbytes(packed, state) / fp32, "bnb", "x",
             q.nbytes() / fp32, 0.135 if dq else None,
             f"{pk_nf4.bits_per_parameter(q):.3f} bits/param (bnb {8 * bnb_nbytes(packed, state) / q.numel:.3f})")
         del q, packed, state
@@ -132,7 +165,7 @@ def linear_rows(args: argparse.Namespace, device: torch.device) -> None:
         print(f"  linear {n}x{n}, {tokens} token(s): max|diff| = {diff:.2e} (tol {tol:.1e})")
         if a.shape != b.shape or diff > tol:
             raise SystemExit(f"peftkit and bitsandbytes 4-bit linear disagree ({diff:.3e} > {tol:.1e}); not timing")
-        time_row(f"4-bit linear fwd {n}x{n}, T={tokens}", pk_fn, bnb_fn, args, device)
+        time_row(f"4-bit linear forward {n}x{n}, T={tokens}", pk_fn, bnb_fn, args, device)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -152,6 +185,8 @@ def train_rows(args: argparse.Namespace, device: torch.device) -> None:
 
     models = {"lora": load_model("smollm2")[0], "qlora": load_model("smollm2", quantize="nf4")[0]}
     mem = {k: weight_bytes(m) for k, m in models.items()}
+    quantized = [n for n, m in models["qlora"].named_modules() if isinstance(m, peftkit.NF4Linear)]
+    linear = {k: sum(weight_bytes(m.get_submodule(n)) for n in quantized) for k, m in models.items()}
     cfg = dict(r=16, lora_alpha=32, target_modules="all-linear")
     steps = {}
     gen = torch.Generator().manual_seed(0)
@@ -172,25 +207,29 @@ def train_rows(args: argparse.Namespace, device: torch.device) -> None:
     trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
     print(f"  trainable params: LoRA {trainable['lora']:,}  QLoRA {trainable['qlora']:,}")
     print(f"  first-step loss: LoRA {steps['lora']():.4f}  QLoRA {steps['qlora']():.4f}")
-    med = race(steps, args.train_repeats, max(args.warmup - 1, 0), device)
-    add("train step SmolLM2 4x128, QLoRA / LoRA", 1e3 * med["qlora"], 1e3 * med["lora"], "LoRA fp32", "ms",
-        med["qlora"] / med["lora"], 1.25)
-    add("base weight memory, QLoRA / LoRA", mem["qlora"] / 2**20, mem["lora"] / 2**20, "LoRA fp32", "MiB",
-        mem["qlora"] / mem["lora"], None, "params + buffers before inject, shared storage once")
+    times = race(steps, args.train_repeats, max(args.warmup - 1, 0), device)
+    add_times("train step SmolLM2 4x128, QLoRA / LoRA", times, "qlora", "lora", "LoRA", 1.25)
+    add("weight memory SmolLM2, QLoRA / LoRA", mem["qlora"] / 2**20, mem["lora"] / 2**20, "LoRA", "MiB",
+        mem["qlora"] / mem["lora"], None, f"params + buffers before inject, shared tensors once; the "
+        f"{len(quantized)} quantized linears alone: {linear['qlora'] / 2**20:.1f} / {linear['lora'] / 2**20:.1f} MiB "
+        f"= {linear['qlora'] / linear['lora']:.3f}")
+
+
+def fmt(value: float, unit: str) -> str:
+    return f"{value:.4f}" if unit == "x" else f"{value:.1f} {unit}"
 
 
 def print_table() -> None:
-    print(f"\n{'row':<42} | {'peftkit':>11} | {'reference':>17} | {'ratio':>6} | {'target':>7} | met")
-    print("-" * 100)
+    print(f"\n{'row':<40} | {'peftkit':>10} | {'reference':>16} | {'ratio':>6} | {'target':>8} | met | notes")
+    print("-" * 124)
     for r in ROWS:
-        ref = f"{r['reference']:.4g} {r['unit']} {r['reference_name']}" if r["unit"] != "x" else \
-            f"{r['reference']:.4f} {r['reference_name']}"
-        pk = f"{r['peftkit']:.4g} {r['unit']}" if r["unit"] != "x" else f"{r['peftkit']:.4f}"
+        ref = f"{fmt(r['reference'], r['unit'])} {r['reference_name']}"
         target = "-" if r["target"] is None else f"<= {r['target']:.3g}"
         met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
-        print(f"{r['row']:<42} | {pk:>11} | {ref:>17} | {r['value']:>6.3f} | {target:>7} | {met:<3} {r['note']}")
-    print("ratio: peftkit / bitsandbytes for times, peftkit bytes / fp32 bytes for the bytes rows, "
-          "QLoRA / LoRA for the training rows")
+        print(f"{r['row']:<40} | {fmt(r['peftkit'], r['unit']):>10} | {ref:>16} | {r['value']:>6.3f} | {target:>8} "
+              f"| {met:<3} | {r['note']}")
+    print("ratio = peftkit / bitsandbytes (times: of the medians; 'paired' = median of per-round ratios), "
+          "peftkit bytes / fp32 bytes,\n        QLoRA / LoRA (training rows)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--skip-train", action="store_true", help="skip the SmolLM2 QLoRA vs LoRA training row")
+    p.add_argument("--skip-train", action="store_true", help="skip the SmolLM2 QLoRA vs LoRA training rows")
+    p.add_argument("--rows", default="quant,linear,train", help="which sections to run: quant, linear, train")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     args = p.parse_args(argv)
     if args.threads:
@@ -211,31 +251,45 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--device cuda given but CUDA is not available")
     device = torch.device(args.device)
 
-    print(f"peftkit {peftkit.__version__} | bitsandbytes {bnb.__version__} | peft {peft.__version__} | "
-          f"torch {torch.__version__} | transformers {transformers.__version__}")
+    print(f"peftkit {peftkit.__version__} (git {git_commit()}) | bitsandbytes {bnb.__version__} | "
+          f"peft {peft.__version__} | torch {torch.__version__} | transformers {transformers.__version__}")
     print(f"{platform.platform()} | {platform.processor() or platform.machine()} | cpu_count={os.cpu_count()} | "
           f"torch threads={torch.get_num_threads()} | cpu capability={torch.backends.cpu.get_cpu_capability()} | "
           f"device={device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"repeats={args.repeats} train_repeats={args.train_repeats} warmup={args.warmup}")
+    rows = set(args.rows.split(",")) - ({"train"} if args.skip_train else set())
+    if rows - {"quant", "linear", "train"}:
+        raise SystemExit(f"unknown --rows {sorted(rows - {'quant', 'linear', 'train'})}; use quant, linear, train")
     t_start = time.perf_counter()
     with torch.inference_mode():
-        print("\n== quantize / dequantize / bytes ==")
-        quant_rows(args, device)
-        print("\n== 4-bit linear forward ==")
-        linear_rows(args, device)
-    if not args.skip_train:
+        if "quant" in rows:
+            print("\n== quantize / dequantize / bytes ==")
+            quant_rows(args, device)
+        if "linear" in rows:
+            print("\n== 4-bit linear forward ==")
+            linear_rows(args, device)
+    failed = None
+    if "train" in rows:
         print("\n== training step, SmolLM2-135M ==")
-        train_rows(args, device)
+        try:
+            train_rows(args, device)
+        except Exception as exc:  # keep the rows measured so far; report the failure and exit non-zero
+            traceback.print_exc()
+            failed = f"training rows failed: {type(exc).__name__}: {exc}"
     print_table()
+    if failed:
+        print(f"\n{failed}")
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
     if args.json:
-        meta = {"peftkit": peftkit.__version__, "bitsandbytes": bnb.__version__, "peft": peft.__version__,
-                "torch": torch.__version__, "transformers": transformers.__version__,
+        meta = {"peftkit": peftkit.__version__, "git": git_commit(), "bitsandbytes": bnb.__version__,
+                "peft": peft.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
                 **{k: v for k, v in vars(args).items() if k != "json"}}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": ROWS}, f, indent=2)
+            json.dump({"meta": meta, "rows": ROWS, "failed": failed}, f, indent=2)
         print(f"wrote {args.json}")
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

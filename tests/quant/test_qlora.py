@@ -165,3 +165,16 @@ def test_streaming_load_peak_memory_is_below_the_fp32_size():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     peak_growth, fp32_bytes = map(int, out.stdout.split()[-2:])
     assert peak_growth < fp32_bytes, (peak_growth, fp32_bytes)
+
+
+def test_forward_works_across_inference_mode_and_grad_mode():
+    """The reused dequantization buffer must serve inference_mode, no_grad and training forwards alike."""
+    layer = NF4Linear.from_linear(nn.Linear(64, 64))
+    x = torch.randn(2, 64, requires_grad=True)
+    with torch.inference_mode():
+        first = layer(x.detach())
+    second = layer(x)
+    second.sum().backward()
+    assert torch.equal(first, second.detach()) and x.grad is not None
+    expected_grad = torch.ones(2, 64) @ layer.dense(torch.float32)
+    torch.testing.assert_close(x.grad, expected_grad)

@@ -26,7 +26,8 @@ def _scratch(numel: int) -> Tensor:
     layers: dequantizing into fresh memory costs a page fault per 4 KiB, as much as the dequantization."""
     buf = getattr(_local, "buffer", None)
     if buf is None or buf.numel() < numel:
-        buf = _local.buffer = torch.empty(numel, dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor: writable both inside and outside inference mode
+            buf = _local.buffer = torch.empty(numel, dtype=torch.float32)
     return buf[:numel]
 
 

@@ -48,6 +48,11 @@ def dynamic_map(device: torch.device | str = "cpu") -> Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32, device=device)
 
 
+@functools.lru_cache(maxsize=8)
+def _dynamic_map_cached(device: str) -> Tensor:
+    return dynamic_map(device)
+
+
 @dataclass
 class NF4Weight:
     """A quantized weight. `packed` holds two 4-bit codes a byte; the statistics rescale each block.
@@ -75,7 +80,7 @@ class NF4Weight:
         """fp32 absmax per block (dequantized from 8 bits when double-quantized)."""
         if self.stored_absmax is not None:
             return self.stored_absmax
-        code = dynamic_map(self.qabsmax.device)
+        code = _dynamic_map_cached(str(self.qabsmax.device))
         return _dequantize_8bit(self.qabsmax, self.absmax_scales, code, ABSMAX_BLOCKSIZE) + self.absmax_offset
 
     @property
@@ -107,8 +112,6 @@ def _check(weight: Tensor, blocksize: int) -> None:
         raise ValueError(f"blocksize {blocksize} is not supported; use one of {BLOCKSIZES}")
     if weight.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor of shape {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
-        raise ValueError("cannot quantize a weight with NaN or inf values")
 
 
 def _blockwise_absmax(flat: Tensor, blocksize: int) -> Tensor:
@@ -140,14 +143,15 @@ def quantize(weight: Tensor, blocksize: int = 64, double_quant: bool = False) ->
     n = flat.numel()
     full = n - n % blocksize
     absmax = _blockwise_absmax(flat, blocksize)
+    if not torch.isfinite(absmax).all():  # a NaN or inf anywhere carries into its block's absmax
+        raise ValueError("cannot quantize a weight with NaN or inf values")
     # Full blocks multiply by the reciprocal, the short tail block divides: bitsandbytes does exactly
     # this, and a different rounding would move values that sit on a threshold.
     inv = 1.0 / absmax[: full // blocksize].clamp(min=1e-38)
     scaled = (flat[:full].view(-1, blocksize) * inv[:, None]).reshape(-1)
     if full < n:
         scaled = torch.cat([scaled, flat[full:] / absmax[-1].clamp(min=1e-38)])
-    scaled = scaled.clamp(-1, 1)
-    if n % 2:
+    if n % 2:  # values past +-1 from rounding still take the end codes: no clamp needed
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     q = _nearest_code(scaled)  # (n,) codes 0..15, ties to the lower one
     packed = (q[0::2] << 4) | q[1::2]  # (ceil(n/2),)
@@ -232,8 +236,13 @@ def _quantize_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Ten
 
 
 def _dequantize_8bit(q: Tensor, absmax: Tensor, code: Tensor, blocksize: int) -> Tensor:
-    block_of = torch.arange(q.numel(), device=q.device) // blocksize
-    return code[q.long()] * absmax[block_of]
+    values = code[q.long()]
+    n = values.numel()
+    full = n - n % blocksize
+    values[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
+    if full < n:
+        values[full:].mul_(absmax[-1])
+    return values
 
 
 def bits_per_parameter(q: NF4Weight) -> float:
