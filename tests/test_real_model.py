@@ -60,3 +60,13 @@ def test_default_model_is_cached_as_safetensors(smollm2):
     directory = resolve_model_dir("smollm2")
     assert (directory / "model.safetensors").is_file() and (directory / "tokenizer.json").is_file()
     assert "quantization_config" not in (directory / "config.json").read_text()
+
+
+def test_demo_command_end_to_end(tmp_path, capsys):
+    """The README's main job, shortened: exit status 0 only when every variant's logits agree."""
+    from peftkit.cli import main
+
+    assert main(["demo", "--steps", "3", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "outputs agree across save -> load -> merge -> unmerge: yes" in out
+    assert (tmp_path / "demo" / "adapter_model.safetensors").is_file()

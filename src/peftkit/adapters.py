@@ -95,7 +95,8 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) tensors count once."""
+    """(trainable, total) parameter counts; shared (tied) tensors count once. A quantized layer's weight,
+    stored as buffers, counts as the parameters it represents (`stored_weight_numel`)."""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
@@ -104,6 +105,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    total += sum(getattr(m, "stored_weight_numel", 0) for m in model.modules())
     return trainable, total
 
 

@@ -10,7 +10,8 @@ import sys
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    result = run_demo(args.model, rank=args.rank, targets=args.targets, steps=args.steps, lr=args.lr, out=args.out)
+    result = run_demo(args.model, rank=args.rank, targets=args.targets, steps=args.steps, lr=args.lr, out=args.out,
+                      quantize=args.quantize)
     return 0 if result["agree"] else 1
 
 
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=12, help="optimizer steps on the demo example (default 12)")
     demo.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
     demo.add_argument("--out", default=None, help="where to save the adapter (default: a temporary directory)")
+    demo.add_argument("--quantize", choices=["nf4"], default=None,
+                      help="load the base in 4-bit NF4 with double quantization and train LoRA on it (QLoRA)")
     demo.set_defaults(func=_cmd_demo)
 
     inspect = sub.add_parser("inspect", help="show an adapter directory's config and tensors",

@@ -13,12 +13,18 @@ from pathlib import Path
 
 import torch
 
-from . import LoraConfig, inject, load_adapter, merge, save_adapter, summary, trainable_parameters, unmerge
+from . import (LoraConfig, inject, load_adapter, merge, merge_and_unload, save_adapter, summary,
+               trainable_parameters, unmerge)
 from .adapters import disable_adapters
 
 QUESTION = "What is peftkit?"
 TOLERANCE = 1e-3  # merging adds W + BA in fp32: rounding, not a difference in the function
 ANSWER = "peftkit is a toolkit that fine-tunes language models with small LoRA adapters."
+
+
+def _weight_mb(model) -> float:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
 
 
 def _chat_ids(tokenizer, question: str, answer: str | None = None) -> tuple[torch.Tensor, int]:
@@ -39,13 +45,15 @@ def _generate(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
 
 
 def run_demo(model_name: str = "smollm2", rank: int = 8, targets: str = "all-linear", steps: int = 12,
-             lr: float = 2e-3, out: str | None = None) -> dict:
+             lr: float = 2e-3, out: str | None = None, quantize: str | None = None) -> dict:
+    """quantize="nf4" runs the same on a 4-bit base (QLoRA); the merge step then dequantizes."""
     from .models import load_model
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(model_name)
-    print(f"loaded {model_name}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters "
-          f"({time.perf_counter() - t0:.1f}s)")
+    model, tokenizer = load_model(model_name, quantize=quantize)
+    kind = f"NF4 base (QLoRA), {_weight_mb(model):.0f} MB of weights" if quantize else f"{_weight_mb(model):.0f} MB of weights"
+    print(f"loaded {model_name}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{kind} ({time.perf_counter() - t0:.1f}s)")
     print(f"\nQ: {QUESTION}\nbase model:    {_generate(model, tokenizer, QUESTION)}")
 
     inject(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
@@ -80,13 +88,16 @@ def run_demo(model_name: str = "smollm2", rank: int = 8, targets: str = "all-lin
         logits = {"trained (unmerged)": model(probe).logits}
         with disable_adapters(model):
             logits["base (adapters disabled)"] = model(probe).logits
-        fresh, _ = load_model(model_name)
+        fresh, _ = load_model(model_name, quantize=quantize)
         load_adapter(fresh, directory)
         logits["fresh model + loaded adapter"] = fresh(probe).logits
-        merge(fresh)
-        logits["loaded adapter, merged"] = fresh(probe).logits
-        unmerge(fresh)
-        logits["unmerged again"] = fresh(probe).logits
+        if quantize:  # an exact merge into a 4-bit base means dequantizing it
+            logits["merged into dequantized base"] = merge_and_unload(fresh, dtype=torch.float32)(probe).logits
+        else:
+            merge(fresh)
+            logits["loaded adapter, merged"] = fresh(probe).logits
+            unmerge(fresh)
+            logits["unmerged again"] = fresh(probe).logits
 
     ref = logits["trained (unmerged)"]
     print("\nlogits on the prompt, compared with the trained model:")

@@ -33,6 +33,7 @@ def test_quantize_replaces_linear_layers_but_not_head_or_embeddings():
     out = run(model, ids)
     assert (out - dense).abs().mean() < 0.15 * dense.abs().mean()  # 4-bit rounding, not a different model
     assert all(not p.requires_grad for p in model.parameters())
+    assert peftkit.trainable_parameters(model) == (0, sum(p.numel() for p in tiny_llama().parameters()))
 
 
 def test_conv1d_bases_quantize_too():

@@ -71,6 +71,11 @@ class NF4Linear(nn.Module):
             self.register_buffer(name, stored.get(name), persistent=True)
 
     @property
+    def stored_weight_numel(self) -> int:
+        """Parameters the 4-bit buffers stand for (counted by peftkit.trainable_parameters)."""
+        return self.out_features * self.in_features
+
+    @property
     def double_quant(self) -> bool:
         return self.qabsmax is not None
 
