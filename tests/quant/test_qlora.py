@@ -179,3 +179,27 @@ def test_forward_works_across_inference_mode_and_grad_mode():
     assert torch.equal(first, second.detach()) and x.grad is not None
     expected_grad = torch.ones(2, 64) @ layer.dense(torch.float32)
     torch.testing.assert_close(x.grad, expected_grad)
+
+
+def test_transformers_bitsandbytes_checkpoints_both_ways(tmp_path):
+    """A 4-bit checkpoint written by transformers + bitsandbytes loads here with the same logits, and
+    ours (format="bnb") loads in transformers with the same logits."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model, ids = tiny_llama(), inputs("llama")
+    model.save_pretrained(tmp_path / "dense")
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=bnb_config,
+                                                  device_map="cpu").eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = load_quantized(tmp_path / "theirs")
+    assert len(nf4_layers(ours)) == 14
+    torch.testing.assert_close(run(ours, ids), run(theirs, ids), atol=1e-5, rtol=0)
+
+    mine = peftkit.quantize(tiny_llama(), double_quant=True)
+    save_quantized(mine, tmp_path / "mine", format="bnb")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mine", device_map="cpu").eval()
+    torch.testing.assert_close(run(reloaded, ids), run(mine, ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run(load_quantized(tmp_path / "mine"), ids), run(mine, ids), atol=0, rtol=0)

@@ -8,6 +8,7 @@ backward dequantizes it again instead of keeping the dense weight alive between 
 
 from __future__ import annotations
 
+import json
 import threading
 import warnings
 
@@ -31,6 +32,7 @@ def _scratch(numel: int) -> Tensor:
     return buf[:numel]
 
 
+BNB_STATE = "quant_state.bitsandbytes__nf4"
 BUFFER_NAMES = ("packed", "stored_absmax", "qabsmax", "absmax_scales", "absmax_offset")
 
 
@@ -112,6 +114,47 @@ class NF4Linear(nn.Module):
                 "blocksize": self.blocksize, "double_quant": self.double_quant,
                 "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_bnb(cls, tensors: dict[str, Tensor], compute_dtype: torch.dtype | None = None) -> NF4Linear:
+        """Build from one layer of a transformers + bitsandbytes 4-bit checkpoint. `tensors` holds that
+        module's entries without its prefix: 'weight' (packed), 'weight.absmax', 'weight.quant_map',
+        ['weight.nested_absmax', 'weight.nested_quant_map'], 'weight.quant_state.bitsandbytes__nf4', ['bias']."""
+        key = f"weight.{BNB_STATE}"
+        if key not in tensors:
+            raise ValueError(f"not a bitsandbytes NF4 layer: no {key!r} among {sorted(tensors)}")
+        state = json.loads(bytes(tensors[key].tolist()))
+        if state.get("quant_type") != "nf4":
+            raise ValueError(f"bitsandbytes quant_type {state.get('quant_type')!r} is not supported; only 'nf4'")
+        if not torch.equal(tensors["weight.quant_map"].float().cpu(), torch.tensor(nf4.NF4_CODE)):
+            raise ValueError("the checkpoint's quant_map is not the NF4 codebook")
+        q = nf4.NF4Weight(packed=tensors["weight"].reshape(-1), shape=torch.Size(state["shape"]),
+                          dtype=getattr(torch, state["dtype"]), blocksize=int(state["blocksize"]))
+        if "nested_blocksize" in state:
+            if state["nested_blocksize"] != nf4.ABSMAX_BLOCKSIZE:
+                raise ValueError(f"nested_blocksize {state['nested_blocksize']} is not supported (only 256)")
+            q.qabsmax, q.absmax_scales = tensors["weight.absmax"], tensors["weight.nested_absmax"].float()
+            q.absmax_offset = torch.tensor(state["nested_offset"], dtype=torch.float32)
+        else:
+            q.stored_absmax = tensors["weight.absmax"].float()
+        return cls(q, tensors.get("bias"), compute_dtype)
+
+    def bnb_state_dict(self) -> dict[str, Tensor]:
+        """This layer in the transformers + bitsandbytes checkpoint layout (keys relative to the module)."""
+        state = {"quant_type": "nf4", "blocksize": self.blocksize,
+                 "dtype": str(self.weight_dtype).removeprefix("torch."), "shape": [self.out_features, self.in_features]}
+        out = {"weight": self.packed.view(-1, 1), "weight.quant_map": torch.tensor(nf4.NF4_CODE)}
+        if self.double_quant:
+            out.update({"weight.absmax": self.qabsmax, "weight.nested_absmax": self.absmax_scales,
+                        "weight.nested_quant_map": nf4.dynamic_map(self.packed.device)})
+            state.update(nested_blocksize=nf4.ABSMAX_BLOCKSIZE, nested_dtype="float32",
+                         nested_offset=self.absmax_offset.item())
+        else:
+            out["weight.absmax"] = self.stored_absmax
+        out[f"weight.{BNB_STATE}"] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+        if self.bias is not None:
+            out["bias"] = self.bias.detach()
+        return out
 
     def quantized(self) -> nf4.NF4Weight:
         return nf4.NF4Weight(packed=self.packed, shape=torch.Size((self.out_features, self.in_features)),

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..targeting import output_head_names
 from . import nf4
-from .linear import NF4Linear
+from .linear import BNB_STATE, NF4Linear
 
 
 def _tensor_names(files: list[Path]) -> list[tuple[Path, str]]:
@@ -108,10 +108,12 @@ def load_nf4(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, d
 QUANT_CONFIG = "peftkit_quantization.json"
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write a model with NF4 layers as `model.safetensors` (packed codes and statistics as tensors),
-    its transformers `config.json`, and `peftkit_quantization.json` listing each NF4 layer's settings.
-    Adapters are not included: save them with save_adapter."""
+def save_quantized(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit") -> Path:
+    """Write a model with NF4 layers. format="peftkit": `model.safetensors` (packed codes and statistics
+    as buffers), `config.json` and `peftkit_quantization.json` listing each NF4 layer's settings.
+    format="bnb": the transformers + bitsandbytes 4-bit layout, loadable by transformers'
+    `from_pretrained` with bitsandbytes installed (and by load_quantized). Adapters are not included:
+    save them with save_adapter."""
     import json
 
     from safetensors.torch import save_model
@@ -121,11 +123,15 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     if configs(model):
         raise ValueError("the model carries adapters; save them with save_adapter and quantized base without "
                          "them (delete_adapter, or save before inject)")
+    if format not in ("peftkit", "bnb"):
+        raise ValueError(f"format must be 'peftkit' or 'bnb', got {format!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     layers = {name: m.settings() for name, m in model.named_modules() if isinstance(m, NF4Linear)}
     if not layers:
         raise ValueError("the model has no NF4 layers; use save_pretrained for a plain model")
+    if format == "bnb":
+        return _save_bnb(model, directory, layers)
     save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
     if hasattr(model, "config"):
         model.config.save_pretrained(directory)
@@ -143,7 +149,10 @@ def load_quantized(directory: str | os.PathLike) -> nn.Module:
     directory = Path(directory)
     meta_path = directory / QUANT_CONFIG
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{directory} has no {QUANT_CONFIG}; it was not written by save_quantized")
+        if _is_bnb_checkpoint(directory):
+            return _load_bnb(directory)
+        raise FileNotFoundError(f"{directory} has neither {QUANT_CONFIG} (save_quantized) nor a bitsandbytes 4-bit "
+                                "quantization_config in config.json")
     layers = json.loads(meta_path.read_text())["layers"]
     config = AutoConfig.from_pretrained(directory)
     with torch.device("meta"):
@@ -163,3 +172,79 @@ def load_quantized(directory: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{directory}/model.safetensors does not match its config: unexpected {unexpected[:8]}, "
                          f"missing {left[:8]}")
     return model.requires_grad_(False).eval()
+
+
+def _is_bnb_checkpoint(directory: Path) -> bool:
+    import json
+
+    config = directory / "config.json"
+    if not config.is_file():
+        return False
+    q = json.loads(config.read_text()).get("quantization_config") or {}
+    return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
+
+
+def _load_bnb(directory: Path) -> nn.Module:
+    """A transformers + bitsandbytes NF4 checkpoint, read into NF4Linear layers without bitsandbytes."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qconfig = json.loads((directory / "config.json").read_text())["quantization_config"]
+    if qconfig.get("bnb_4bit_quant_type", "fp4") != "nf4":
+        raise ValueError(f"{directory}: bnb_4bit_quant_type {qconfig.get('bnb_4bit_quant_type')!r}; only nf4 is read")
+    compute = getattr(torch, str(qconfig.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."))
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    quantized = sorted(k[: -len(".weight." + BNB_STATE)] for k in state if k.endswith(".weight." + BNB_STATE))
+    for name in quantized:
+        prefix = name + "."
+        own = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, NF4Linear.from_bnb(own, compute))
+    for key, value in state.items():
+        _set(model, key, value)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _rebuild_meta_buffers(model)
+    left = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
+    if left:
+        raise ValueError(f"{directory} lacks tensors for: {left[:8]}")
+    return model.requires_grad_(False).eval()
+
+
+def _save_bnb(model: nn.Module, directory: Path, layers: dict) -> Path:
+    from safetensors.torch import save_file
+
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Linear):
+            state.update({f"{name}.{k}": v for k, v in module.bnb_state_dict().items()})
+            seen.update(id(t) for t in module.buffers())
+            seen.update(id(t) for t in module.parameters())
+    for key, tensor in [*model.named_parameters(remove_duplicate=True), *model.named_buffers()]:
+        persistent = key.rpartition(".")[2] not in model.get_submodule(key.rpartition(".")[0])._non_persistent_buffers_set
+        if id(tensor) not in seen and persistent:
+            seen.add(id(tensor))
+            state[key] = tensor
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    first = next(iter(layers.values()))
+    model.config.quantization_config = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": first["double_quant"],
+        "bnb_4bit_compute_dtype": first["compute_dtype"], "bnb_4bit_quant_storage": "uint8",
+    }
+    try:
+        model.config.save_pretrained(directory)
+    finally:
+        del model.config.quantization_config
+    return directory
