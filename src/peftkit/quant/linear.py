@@ -128,7 +128,8 @@ class NF4Linear(nn.Module):
             raise ValueError(f"bitsandbytes quant_type {state.get('quant_type')!r} is not supported; only 'nf4'")
         if not torch.equal(tensors["weight.quant_map"].float().cpu(), torch.tensor(nf4.NF4_CODE)):
             raise ValueError("the checkpoint's quant_map is not the NF4 codebook")
-        q = nf4.NF4Weight(packed=tensors["weight"].reshape(-1), shape=torch.Size(state["shape"]),
+        packed = tensors["weight"].contiguous().view(torch.uint8).reshape(-1)  # any bnb_4bit_quant_storage
+        q = nf4.NF4Weight(packed=packed, shape=torch.Size(state["shape"]),
                           dtype=getattr(torch, state["dtype"]), blocksize=int(state["blocksize"]))
         if "nested_blocksize" in state:
             if state["nested_blocksize"] != nf4.ABSMAX_BLOCKSIZE:
