@@ -10,6 +10,7 @@ import torch
 from conftest import inputs, nonzero_adapter, run
 
 import peftkit
+from peftkit.inject import lora_layers
 from peftkit.methods.lora import LoraLayer
 
 
@@ -48,7 +49,7 @@ def test_merged_equals_unmerged_and_unmerge_restores(model_case):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before_second[k]), k
     peftkit.unmerge(model)
-    for path, layer in peftkit.inject.__globals__["lora_layers"](model):
+    for path, layer in lora_layers(model):
         for pname, p in layer.base.named_parameters():
             torch.testing.assert_close(p, plain[f"{path}.{pname}"], atol=1e-6, rtol=0)
     torch.testing.assert_close(run(model, ids), unmerged, atol=1e-5, rtol=1e-5)
@@ -58,7 +59,7 @@ def test_safe_merge_refuses_nan_and_leaves_weights_bit_identical(model_case):
     name, builder, targets = model_case
     model = builder()
     nonzero_adapter(model, targets)
-    layers = [l for _, l in peftkit.inject.__globals__["lora_layers"](model)]
+    layers = [l for _, l in lora_layers(model)]
     with torch.no_grad():
         layers[-1].lora_B["default"][0, 0] = float("nan")
     before = base_state(model)

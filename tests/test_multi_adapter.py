@@ -7,6 +7,7 @@ import torch
 from conftest import inputs, nonzero_adapter, run, tiny_llama, tiny_mlp
 
 import peftkit
+from peftkit.inject import lora_layers
 from peftkit.methods.lora import LoraLayer
 
 
@@ -56,7 +57,7 @@ def test_combine_cat_is_exact_weighted_sum():
     peftkit.combine(model, {"a": 0.7, "b": 0.3}, name="ab", how="cat")
     assert model.peftkit_configs["ab"].r == 4 + 2
     combined = run(model, ids)
-    for _, layer in peftkit.inject.__globals__["lora_layers"](model):
+    for _, layer in lora_layers(model):
         expected = sum(w * layer.delta_weight(s) for s, w in {"a": 0.7, "b": 0.3}.items() if s in layer.lora_A)
         torch.testing.assert_close(layer.delta_weight("ab"), expected, atol=1e-6, rtol=0)
     peftkit.set_active(model, [])
@@ -67,7 +68,7 @@ def test_combine_svd_truncates_and_linear_needs_equal_ranks():
     model = two_adapters()
     peftkit.combine(model, {"a": 1.0, "b": 1.0}, name="full", how="svd", rank=6)
     peftkit.combine(model, {"a": 1.0, "b": 1.0}, name="low", how="svd", rank=1)
-    for _, layer in peftkit.inject.__globals__["lora_layers"](model):
+    for _, layer in lora_layers(model):
         exact = sum(layer.delta_weight(s) for s in ("a", "b") if s in layer.lora_A)
         torch.testing.assert_close(layer.delta_weight("full"), exact, atol=1e-5, rtol=0)
         assert torch.linalg.matrix_rank(layer.delta_weight("low")) <= 1

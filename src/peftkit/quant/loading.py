@@ -56,6 +56,18 @@ def _rebuild_meta_buffers(model: nn.Module) -> None:
                 module._buffers[bname] = buf
 
 
+def _finish(model: nn.Module, config, directory: Path) -> nn.Module:
+    """After tensors were placed into a meta-device skeleton: tie weights, rebuild non-persistent buffers,
+    refuse if anything is still without data, freeze."""
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _rebuild_meta_buffers(model)
+    left = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
+    if left:
+        raise ValueError(f"checkpoint in {directory} lacks tensors for: {left[:8]}")
+    return model.requires_grad_(False)
+
+
 def load_nf4(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, double_quant: bool = True,
              blocksize: int = 64, compute_dtype: torch.dtype | None = None) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -95,14 +107,7 @@ def load_nf4(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, d
     missing = sorted(n for n, m in model.named_modules() if n in linears and not isinstance(m, NF4Linear))
     if missing:
         raise ValueError(f"checkpoint in {directory} lacks the weights of {missing[:5]} ({len(missing)} layers)")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    _rebuild_meta_buffers(model)
-    left = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
-    if left:
-        raise ValueError(f"checkpoint in {directory} lacks tensors for: {left[:8]}")
-    model.requires_grad_(False)
-    return model
+    return _finish(model, config, directory)
 
 
 QUANT_CONFIG = "peftkit_quantization.json"
@@ -163,15 +168,10 @@ def load_quantized(directory: str | os.PathLike) -> nn.Module:
                                 st["double_quant"], getattr(torch, st["weight_dtype"]), getattr(torch, st["compute_dtype"]))
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     state = load_file(str(directory / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    _rebuild_meta_buffers(model)
-    left = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
-    if unexpected or left:
-        raise ValueError(f"{directory}/model.safetensors does not match its config: unexpected {unexpected[:8]}, "
-                         f"missing {left[:8]}")
-    return model.requires_grad_(False).eval()
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{directory}/model.safetensors does not match its config: unexpected {unexpected[:8]}")
+    return _finish(model, config, directory).eval()
 
 
 def _is_bnb_checkpoint(directory: Path) -> bool:
@@ -211,13 +211,7 @@ def _load_bnb(directory: Path) -> nn.Module:
         setattr(model.get_submodule(parent) if parent else model, child, NF4Linear.from_bnb(own, compute))
     for key, value in state.items():
         _set(model, key, value)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    _rebuild_meta_buffers(model)
-    left = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
-    if left:
-        raise ValueError(f"{directory} lacks tensors for: {left[:8]}")
-    return model.requires_grad_(False).eval()
+    return _finish(model, config, directory).eval()
 
 
 def _save_bnb(model: nn.Module, directory: Path, layers: dict) -> Path:
