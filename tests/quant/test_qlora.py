@@ -203,3 +203,22 @@ def test_transformers_bitsandbytes_checkpoints_both_ways(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mine", device_map="cpu").eval()
     torch.testing.assert_close(run(reloaded, ids), run(mine, ids), atol=1e-5, rtol=0)
     torch.testing.assert_close(run(load_quantized(tmp_path / "mine"), ids), run(mine, ids), atol=0, rtol=0)
+
+
+def test_peft_adapter_loads_onto_a_4bit_base(tmp_path):
+    """An adapter saved from a dense model applies unchanged on the NF4 base: the LoRA term is the same,
+    only the base's rounding differs."""
+    ids = inputs("llama")
+    dense = tiny_llama()
+    torch.manual_seed(0)
+    peftkit.inject(dense, peftkit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peftkit.save_adapter(dense, tmp_path / "a")
+    base_q = peftkit.quantize(tiny_llama())
+    without = run(base_q, ids)
+    peftkit.load_adapter(base_q, tmp_path / "a")
+    with_adapter = run(base_q, ids)
+    with peftkit.disable_adapters(base_q):
+        assert torch.equal(run(base_q, ids), without)
+    delta_dense = run(dense, ids) - run(tiny_llama(), ids)
+    assert not torch.allclose(with_adapter, without, atol=1e-3)
+    assert (with_adapter - without - delta_dense).abs().mean() < 0.2 * delta_dense.abs().mean()
