@@ -145,7 +145,6 @@ def quant_rows(args: argparse.Namespace, device: torch.device) -> None:
         add(f"bytes / fp32 ({label})", q.nbytes() / fp32, bnb_nbytes(packed, state) / fp32, "bnb", "x",
             q.nbytes() / fp32, 0.135 if dq else None,
             f"{pk_nf4.bits_per_parameter(q):.3f} bits/param (bnb {8 * bnb_nbytes(packed, state) / q.numel:.3f})")
-        del q, packed, state
 
 
 def linear_rows(args: argparse.Namespace, device: torch.device) -> None:
