@@ -186,12 +186,14 @@ def dequantize(q: NF4Weight, dtype: torch.dtype | None = None, out: Tensor | Non
     if packed.numel() % 2:
         packed = torch.cat([packed, packed.new_zeros(1)])
     pairs = packed.view(torch.uint16).to(torch.int32)  # (ceil(n/4),)
-    table = _pair_table(str(packed.device))
+    # The four fp32 values of a table row travel as one 16-byte complex128 element: a 1-D gather of
+    # wide elements runs about 1.7x faster than gathering (65536, 4) rows. Bits are copied unchanged.
+    table = _pair_table(str(packed.device)).view(torch.complex128).view(-1)
     if out is None:
-        values = torch.index_select(table, 0, pairs).view(-1)  # (4 * ceil(n/4),)
+        values = torch.index_select(table, 0, pairs).view(torch.float32)  # (4 * ceil(n/4),)
     else:
         values = out.view(-1)[: 4 * pairs.numel()]
-        torch.index_select(table, 0, pairs, out=values.view(-1, 4))
+        torch.index_select(table, 0, pairs, out=values.view(torch.complex128))
     n, bs = q.numel, q.blocksize
     full = n - n % bs
     values[:full].view(-1, bs).mul_(q.absmax[: full // bs, None])
