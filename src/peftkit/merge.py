@@ -94,9 +94,10 @@ def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None,
     from .quant.linear import NF4Linear, dequantize_model, quantize
 
     names = _names(model, names)
-    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    quantized = {n.removesuffix(".base"): m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     if quantized:
-        settings = (quantized[0].blocksize, quantized[0].double_quant, quantized[0].compute_dtype)
+        first = next(iter(quantized.values()))
+        settings = (first.blocksize, first.double_quant, first.compute_dtype)
         dequantize_model(model, dtype)
     merge(model, names, safe=safe)
     with_copy = [n for n in names if any(n in getattr(w, "copies", {}) for _, w in wrappers(model))]
@@ -108,7 +109,8 @@ def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None,
             raise ValueError("requantize=True applies to a model whose base was NF4-quantized")
         warnings.warn("requantizing the merged model to NF4: the merged weights are rounded to 4 bits again, so "
                       "its outputs differ slightly from the merged dense model", stacklevel=2)
-        quantize(model, "nf4", blocksize=settings[0], double_quant=settings[1], compute_dtype=settings[2])
+        quantize(model, "nf4", blocksize=settings[0], double_quant=settings[1], compute_dtype=settings[2],
+                 modules=list(quantized))  # the layers that were 4-bit before, no others
     return model
 
 

@@ -221,3 +221,15 @@ def test_peft_adapter_loads_onto_a_4bit_base(tmp_path):
     delta_dense = run(dense, ids) - run(tiny_llama(), ids)
     assert not torch.allclose(with_adapter, without, atol=1e-3)
     assert (with_adapter - without - delta_dense).abs().mean() < 0.2 * delta_dense.abs().mean()
+
+
+def test_dequantizing_under_lora_switches_the_layer_to_the_new_base():
+    model, ids = tiny_llama(), inputs("llama")
+    peftkit.quantize(model)
+    peftkit.inject(model, peftkit.LoraConfig(r=4, target_modules=["q_proj"]))  # B = 0: output is the base's
+    expected = run(model, ids)
+    peftkit.set_active(model, [])  # nothing to add: the layer calls its base directly
+    peftkit.dequantize_model(model, torch.float32)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base, nn.Linear) and layer.forward == layer.base.forward
+    torch.testing.assert_close(run(model, ids), expected, atol=1e-5, rtol=0)

@@ -86,6 +86,11 @@ class LoraLayer(nn.Module):
         self.row_adapters: list[str | None] | None = None  # set by peftkit.per_row for mixed batches
         self._refresh()
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "base" and "lora_A" in self._modules:  # a replaced base (e.g. dequantized) must be the one called
+            self._refresh()
+
     def factor_shapes(self, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return factor_shapes(self.peftkit_kind, self.base, r)
 
