@@ -65,8 +65,12 @@ def _peft_param_name(model: nn.Module, pname: str) -> str:
     return pname
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` to `directory` in HF PEFT's format (loadable by PeftModel.from_pretrained)."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default",
+                 tensors: dict[str, Tensor] | None = None) -> Path:
+    """Write adapter `name` to `directory` in HF PEFT's format (loadable by PeftModel.from_pretrained).
+
+    `tensors` (adapter_state_dict's keys) replaces the model's own values: a sharded (FSDP) run gathers
+    them on every process first and passes the full tensors to the one process that writes."""
     require_adapter(model, name)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -75,7 +79,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     extra = {"fan_in_fan_out": "conv1d" in kinds}
     if config.base_model_name_or_path is None:
         extra["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    tensors = {PREFIX + k: v.to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, name).items()}
+    state = adapter_state_dict(model, name) if tensors is None else tensors
+    tensors = {PREFIX + k: v.to("cpu").contiguous().clone() for k, v in state.items()}
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(config.replace(**extra).to_peft_dict(), indent=2, sort_keys=True)
     _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))

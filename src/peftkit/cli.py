@@ -102,14 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--rank", type=int, default=8, help="rank used for the parameter count (default 8)")
     targets.add_argument("-v", "--verbose", action="store_true", help="list every selected module")
     targets.set_defaults(func=_cmd_targets)
+
+    from .train.commands import add_commands
+
+    add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, OSError, KeyError, RuntimeError) as err:
         print(f"peftkit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,220 @@
+"""The training-side subcommands of `peftkit`: train, eval, generate, chat, merge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import options as opts
+
+MODEL_HELP = "'smollm2' (embedded), a transformers directory or a .gguf file (default: the adapter's base)"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    o = opts.from_args(args)
+    if o.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch
+
+        return launch(o.nproc, _without_nproc(args.argv))
+    from .loop import train
+    from .report import format_summary
+
+    summary = train(o)
+    if summary:
+        print(format_summary(summary))
+        if summary.get("exact_match_after") is not None:
+            met = summary["exact_match_after"] >= 0.9
+            print(f"  target >= 90% exact match: {'met' if met else 'NOT met'}")
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out
+
+
+def resolve_adapter(path: str) -> Path:
+    """An adapter directory, or a run directory holding one in adapter/."""
+    p = Path(path)
+    if (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    if (p / "adapter_config.json").is_file() or p.is_dir() and any(p.glob("*/adapter_config.json")):
+        return p
+    raise FileNotFoundError(f"no adapter at {p}: expected adapter_config.json there or in {p / 'adapter'}")
+
+
+def base_model_for(adapter: Path | None, given: str | None) -> str:
+    """The base to load: --model if given, else the run's own model, else the adapter config's base."""
+    if given:
+        return given
+    if adapter is None:
+        return "smollm2"
+    run_options = adapter.parent / "run_options.json"
+    if run_options.is_file():
+        return json.loads(run_options.read_text()).get("model") or "smollm2"
+    from ..models import SMOLLM2_HUB_ID
+
+    config = adapter / "adapter_config.json"
+    base = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+    if base in (None, SMOLLM2_HUB_ID) or not Path(base).exists():
+        return "smollm2"
+    return base
+
+
+def _load(args: argparse.Namespace):
+    from .infer import load_for_inference
+
+    adapters = [resolve_adapter(a) for a in (args.adapter or [])]
+    model = base_model_for(adapters[0] if adapters else None, args.model)
+    return load_for_inference(model, [str(a) for a in adapters] or None,
+                              quantize="nf4" if getattr(args, "nf4", False) else None)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import data as data_mod
+    from . import task
+    from .loop import exact_match, validation_loss
+
+    model, tokenizer = _load(args)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = next(model.parameters()).device
+    result: dict = {}
+    if args.data:
+        examples, stats = data_mod.build_examples(data_mod.read_records(args.data), tokenizer, args.max_length,
+                                                  "truncate", args.data)
+        result["data"] = stats.describe()
+        with torch.inference_mode():
+            result["loss"] = validation_loss(model, examples, pad, device, args.batch_size, 1024)
+    else:
+        tickets = task.eval_set(args.examples)
+        result["exact_match"] = exact_match(model, tokenizer, tickets, progress=True, label="built-in task")
+        result["examples"] = len(tickets)
+        examples, _ = data_mod.build_examples([{"messages": t.messages()} for t in tickets], tokenizer, 512)
+        result["loss"] = validation_loss(model, examples, pad, device, args.batch_size, 1024)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        if "exact_match" in result:
+            print(f"exact match on {result['examples']} held-out tickets: {100 * result['exact_match']:.1f}%")
+        if "data" in result:
+            print(f"data: {result['data']}")
+        print(f"loss (answer tokens): {result['loss']:.4f}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .infer import chat_prompt, generate
+
+    model, tokenizer = _load(args)
+    prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise ValueError("give one or more prompts as arguments, or one per line on standard input")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    rendered = [p if args.raw else chat_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in prompts]
+    outputs = generate(model, tokenizer, rendered, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed)
+    for prompt, text in zip(prompts, outputs):
+        print(json.dumps({"prompt": prompt, "output": text}) if args.json else text)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .infer import chat_loop
+
+    model, tokenizer = _load(args)
+    print("peftkit chat: type a message; /reset clears the conversation, /exit or Ctrl-D leaves.")
+    chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .infer import merge_to_directory
+
+    adapters = [str(resolve_adapter(a)) for a in args.adapter]
+    model = base_model_for(Path(adapters[0]), args.model)
+    result = merge_to_directory(model, adapters, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                                verify=not args.no_verify)
+    print(f"merged {', '.join(adapters)} into {model}: wrote {result['out_dir']}")
+    if result.get("max_abs_diff") is not None:
+        print(f"  from_pretrained({result['out_dir']}) logits vs the adapter model: max |diff| "
+              f"{result['max_abs_diff']:.2e}")
+    return 0
+
+
+def _inference_args(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    p.add_argument("--adapter", action="append", required=adapter_required, metavar="DIR",
+                   help="adapter directory or a `peftkit train` run directory (repeat to load several)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--nf4", action="store_true", help="load the base in 4-bit NF4 (as QLoRA trained it)")
+
+
+def add_commands(sub) -> None:
+    train = sub.add_parser(
+        "train", help="fine-tune an adapter (LoRA or QLoRA); with no --data, on the built-in ticket task",
+        description="Fine-tune an adapter. Without --data it trains LoRA on SmolLM2-135M-Instruct for the built-in "
+        "task (support tickets to strict JSON records) and prints exact match before and after, training time, "
+        "trainable share, adapter size and peak memory. Output: the adapter in PEFT format, metrics.jsonl, "
+        "loss_curve.png, summary.json and checkpoints in --output-dir.")
+    opts.add_arguments(train)
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="loss on a dataset, or exact match on the built-in task",
+                        description="Evaluate a base model with or without adapters: answer-token loss on --data, "
+                        "or (without --data) exact match and loss on the built-in task's held-out tickets.")
+    _inference_args(ev)
+    ev.add_argument("--data", default=None, help="a .jsonl/.json file or saved datasets directory to compute loss on")
+    ev.add_argument("--examples", type=int, default=100, help="held-out tickets to score (default 100)")
+    ev.add_argument("--batch-size", type=int, default=8, help="examples per forward pass for the loss (default 8)")
+    ev.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.set_defaults(func=_cmd_eval)
+
+    gen = sub.add_parser("generate", help="complete prompts with a base model and adapters",
+                         description="Generate replies to prompts (arguments, or one per line on stdin), "
+                         "rendered with the tokenizer's chat template unless --raw.")
+    _inference_args(gen)
+    gen.add_argument("prompt", nargs="*", help="prompts (default: read lines from standard input)")
+    gen.add_argument("--system", default=None, help="a system message to put before each prompt")
+    gen.add_argument("--raw", action="store_true", help="send prompts as they are, without the chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(func=_cmd_generate)
+
+    chat = sub.add_parser("chat", help="talk to a base model with adapters in the terminal",
+                          description="An interactive chat that keeps the conversation and streams replies.")
+    _inference_args(chat)
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat.set_defaults(func=_cmd_chat)
+
+    merge = sub.add_parser("merge", help="write base + adapters merged as a plain transformers model directory",
+                           description="Merge adapters into the base weights and save a transformers model directory "
+                           "with its tokenizer; from_pretrained on it gives the adapter model's logits (checked).")
+    merge.add_argument("--adapter", action="append", required=True, metavar="DIR",
+                       help="adapter directory or a `peftkit train` run directory (repeat to merge several)")
+    merge.add_argument("--model", default=None, help=MODEL_HELP)
+    merge.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="dtype of the saved weights (default float32)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    merge.add_argument("--no-verify", action="store_true", help="skip reloading the result to compare logits")
+    merge.set_defaults(func=_cmd_merge)

@@ -1,0 +1,129 @@
+"""What a run leaves behind besides the adapter: metrics.jsonl, loss_curve.png, summary.json, and the
+guard that keeps one run from writing over another."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+RUN_FILES = ("run_options.json", "metrics.jsonl", "summary.json")
+
+
+def check_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a directory that holds another run, unless the user resumes it or asks to replace it."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"--output-dir {path} exists and is not a directory")
+    held = [f for f in RUN_FILES + ("checkpoints", "adapter") if (path / f).exists()]
+    if resume:
+        if not (path / "run_options.json").is_file():
+            raise FileNotFoundError(f"--resume: {path} holds no peftkit run (no run_options.json)")
+        return
+    if held and not overwrite:
+        raise FileExistsError(f"--output-dir {path} already holds a run ({', '.join(held)}); pass --resume latest "
+                              "to continue it, --overwrite to replace it, or choose another --output-dir")
+    if held and overwrite:
+        import shutil
+
+        for f in held:
+            target = path / f
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        (path / "loss_curve.png").unlink(missing_ok=True)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: accelerator memory allocated on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+class Metrics:
+    """Appends one JSON line per logged event; on resume, drops lines from after the checkpoint."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, **row) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(rows: list[dict], path: Path, title: str) -> Path | None:
+    """Training loss per step (and validation loss where measured) as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # a plot is a nicety; the numbers are in metrics.jsonl
+        return None
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(*zip(*train), label="training loss", linewidth=1.5)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on answer tokens")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def format_summary(s: dict) -> str:
+    """The table printed at the end of `peftkit train`."""
+    lines = ["", f"run: {s['output_dir']}"]
+    if s.get("exact_match_before") is not None:
+        lines.append(f"  exact match (held-out, {s['eval_examples']} tickets): "
+                     f"{100 * s['exact_match_before']:.0f}% before -> {100 * s['exact_match_after']:.0f}% after")
+    if s.get("val_loss") is not None:
+        lines.append(f"  validation loss: {s['val_loss']:.4f}")
+    lines += [
+        (f"  training: {s['steps']} steps, {s['train_seconds']:.0f} s ({s['tokens_per_second']:.0f} tokens/s); "
+         f"whole command {s['total_seconds']:.0f} s"),
+        (f"  trainable: {s['trainable_params']:,} of {s['total_params']:,} parameters "
+         f"({100 * s['trainable_share']:.2f}%)"),
+        f"  adapter: {s['adapter_dir']} ({s['adapter_bytes'] / 2**20:.1f} MB on disk)",
+        f"  peak memory: {s['peak_memory_mb']:.0f} MB ({s['memory_kind']})",
+        f"  files: metrics.jsonl, loss_curve.png, summary.json, checkpoints/ in {s['output_dir']}",
+    ]
+    return "\n".join(lines)
