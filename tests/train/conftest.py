@@ -36,7 +36,7 @@ def save_tiny_model(directory) -> str:
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=None, initializer_range=0.3)
     LlamaForCausalLM(cfg).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)

@@ -247,16 +247,18 @@ def test_shard_needs_decoder_layers():
         D.shard_frozen_base(tiny_llama(), Dist(), layer_classes=(torch.nn.Conv2d,))
 
 
-def test_launch_reruns_under_torchrun(monkeypatch):
+def test_launch_runs_the_command_verbatim_on_n_processes(monkeypatch):
+    from torch.distributed.launcher import api
+
     seen = {}
 
-    def fake_run(cmd, check):
-        seen["cmd"] = cmd
-        return type("Done", (), {"returncode": 3})()
+    def fake_launch(config, entrypoint):
+        seen["config"], seen["entrypoint"] = config, entrypoint
+        return lambda *args: seen.setdefault("args", args)
 
-    monkeypatch.setattr(D.subprocess, "run", fake_run)
-    assert D.launch(2, ["train", "--steps", "5"]) == 3
-    assert seen["cmd"] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "peftkit.cli", "train", "--steps", "5"]
+    monkeypatch.setattr(api, "elastic_launch", fake_launch)
+    assert D.launch(2, ["train", "--r", "5"]) == 0  # "--r" must reach peftkit, not torchrun's parser
+    assert seen["entrypoint"] == sys.executable and seen["config"].nproc_per_node == 2
+    assert seen["args"] == ("-m", "peftkit.cli", "train", "--r", "5")
     with pytest.raises(ValueError, match="strip --nproc"):
         D.launch(2, ["train", "--nproc", "2"])

@@ -20,7 +20,6 @@ Device-agnostic: gloo on CPU, nccl on CUDA (torch's default backend for the devi
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -274,6 +273,16 @@ def launch(nproc: int, argv: list[str]) -> int:
     if relaunch:
         raise ValueError(f"launch got {relaunch} in argv; strip --nproc before calling it, or every child "
                          "would launch again")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "peftkit.cli", *argv]
-    return subprocess.run(cmd, check=False).returncode
+    # torchrun's own command-line parser would take peftkit's options for abbreviations of its own (--r is
+    # "ambiguous" there), so use its launcher API: the children get `python -m peftkit.cli <argv>` verbatim.
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"peftkit-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "peftkit.cli", *argv)
+    except ChildFailedError as err:
+        codes = [f.exitcode for f in err.failures.values() if f.exitcode]
+        return codes[0] if codes else 1
+    return 0

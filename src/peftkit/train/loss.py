@@ -36,6 +36,14 @@ def _head_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None] |
     return decoder, head, getattr(config, "final_logit_softcapping", None)
 
 
+def _is_fsdp_root(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _chunk_loss(head: nn.Module, softcap: float | None, hidden: Tensor, targets: Tensor) -> Tensor:
     logits = head(hidden).float()  # (n, V)
     if softcap:
@@ -52,6 +60,15 @@ def sum_token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     mask = targets != IGNORE_INDEX
     n_tokens = int(mask.sum())
+    if _is_fsdp_root(model):
+        # FSDP's hooks sit on the root module's forward: going around it to the decoder would meet sharded
+        # parameters. The model's own forward computes logits only at positions some row needs.
+        keep = mask.any(dim=0).nonzero().flatten()  # (K,)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=keep).logits  # (B, K, V)
+        kept = targets[:, keep]
+        return F.cross_entropy(logits[kept != IGNORE_INDEX].float(), kept[kept != IGNORE_INDEX],
+                               reduction="sum"), n_tokens
     parts = _head_parts(model)
     if parts is None:  # fall back to the model's full logits
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
