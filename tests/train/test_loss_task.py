@@ -1,5 +1,5 @@
 """The chunked answer-only loss equals transformers' loss without building the batch's full logits; the
-built-in task is deterministic, held out, and hard for the base model."""
+built-in task is deterministic and held out (test_builtin_real.py checks the base model scores <= 10%)."""
 
 from __future__ import annotations
 
@@ -80,12 +80,3 @@ def test_task_fields_follow_the_text():
         text = t.text.lower()
         assert any(s.lower() in text for s in task.PRODUCTS[r["product"]])
         assert (r["priority"] == "high") == any(u.lower() in text for u in task.URGENT)
-
-
-@pytest.mark.real_model
-def test_base_model_scores_at_most_ten_percent():
-    from peftkit.models import load_model
-    from peftkit.train.loop import exact_match
-
-    model, tokenizer = load_model("smollm2")
-    assert exact_match(model, tokenizer, task.eval_set(40), progress=False, label="base") <= 0.10

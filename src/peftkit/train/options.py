@@ -194,7 +194,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if str(f.type).startswith("bool"):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, default=None, choices=f.metadata["choices"],
+            flags = [flag, "--lora-r"] if name == "r" else [flag]  # torchrun's parser mistakes a bare --r
+            parser.add_argument(*flags, dest=name, default=None, choices=f.metadata["choices"],
                                 metavar=f.metadata["metavar"] or name.upper(), help=help_text)
 
 
