@@ -85,7 +85,6 @@ def test_rank_alpha_patterns_and_rslora_scaling():
     (dict(bias="some"), "bias must be one of"),
     (dict(init_lora_weights="olora"), "init_lora_weights"),
     (dict(target_modules="(unclosed"), "not a valid regex"),
-    (dict(use_dora=True), "DoRA"),
 ])
 def test_bad_config_values_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -98,8 +97,10 @@ def test_peft_dict_roundtrip_ignores_unknown_keys():
     assert d["peft_type"] == "LORA" and d["target_modules"] == ["q_proj"]
     d["some_future_field"] = {"x": 1}
     assert LoraConfig.from_peft_dict(d) == cfg
-    with pytest.raises(ValueError, match="PREFIX_TUNING"):
-        peftkit.config.config_from_peft_dict({"peft_type": "PREFIX_TUNING"})
+    with pytest.raises(ValueError, match="IA3"):
+        peftkit.config.config_from_peft_dict({"peft_type": "IA3"})
+    assert peftkit.config.config_from_peft_dict({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 5}
+                                                 ).num_virtual_tokens == 5
     with pytest.raises(ValueError, match="layer_replication"):
         LoraConfig.from_peft_dict({**d, "layer_replication": [[0, 1]]})
 

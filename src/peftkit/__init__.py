@@ -16,11 +16,22 @@ from .adapters import (
     summary,
     trainable_parameters,
 )
+from .bottleneck_io import bottleneck_state_dict, load_bottleneck, save_bottleneck
 from .checkpoint import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from .config import LoraConfig
 from .inject import inject
 from .merge import combine, merge, merge_and_unload, merged_adapters, unmerge
+from .methods.bottleneck import BottleneckConfig, BottleneckLayer, inject_bottleneck, unload_bottleneck
 from .methods.lora import LoraLayer, WeightAccess
+from .methods.prefix import (
+    PrefixConfig,
+    fold_prefix,
+    inject_prefix,
+    load_prefix,
+    remove_prefix,
+    save_prefix,
+    set_prefix_enabled,
+)
 from .quant import nf4
 from .quant.linear import NF4Linear, dequantize_model, quantize
 from .quant.loading import load_quantized, save_quantized
@@ -32,5 +43,8 @@ __all__ = [
     "adapter_state_dict", "merge", "unmerge", "merge_and_unload", "merged_adapters", "combine", "set_active",
     "active_adapters", "set_trainable", "delete_adapter", "disable_adapters", "per_row",
     "trainable_parameters", "summary", "nf4", "NF4Linear", "quantize", "dequantize_model",
-    "save_quantized", "load_quantized", "__version__",
+    "save_quantized", "load_quantized", "BottleneckConfig", "BottleneckLayer", "inject_bottleneck",
+    "unload_bottleneck", "save_bottleneck", "load_bottleneck", "bottleneck_state_dict", "PrefixConfig",
+    "inject_prefix", "save_prefix", "load_prefix", "remove_prefix", "set_prefix_enabled", "fold_prefix",
+    "__version__",
 ]

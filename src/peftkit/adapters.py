@@ -36,6 +36,11 @@ def set_trainable(model: nn.Module, name: str | None) -> None:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` and its weights; a wrapper left with no adapter becomes its base again."""
+    from .methods.prefix import prefix_configs, remove_prefix
+
+    if name in prefix_configs(model):
+        remove_prefix(model, name)
+        return
     require_adapter(model, name)
     merged = [p for p, w in wrappers(model) if isinstance(w, LoraLayer) and name in w.merged]
     if merged:
@@ -54,17 +59,25 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     the block and merged again after it."""
     from .merge import merge, merged_adapters, unmerge
 
+    from .methods.prefix import set_prefix_enabled
+
     merged = merged_adapters(model)
     if merged:
         unmerge(model)
     states = [(w, w.disabled) for _, w in wrappers(model)]
     for w, _ in states:
         w.set_disabled(True)
+    prefix = getattr(model, "peftkit_prefix", None)
+    prefix_before = prefix.enabled if prefix is not None else None
+    if prefix is not None:
+        set_prefix_enabled(model, False)
     try:
         yield
     finally:
         for w, before in states:
             w.set_disabled(before)
+        if prefix is not None:
+            set_prefix_enabled(model, prefix_before)
         if merged:
             merge(model, merged)
 
@@ -115,6 +128,7 @@ def summary(model: nn.Module) -> str:
     lines = [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"]
     for name, cfg in configs(model).items():
         layers = [p for p, w in wrappers(model) if name in w.adapter_names()]
-        lines.append(f"adapter {name!r}: r={cfg.r} alpha={cfg.lora_alpha} rslora={cfg.use_rslora} "
-                     f"on {len(layers)} modules; active={name in active_adapters(model)}")
+        lora = f"r={cfg.r} alpha={cfg.lora_alpha} rslora={cfg.use_rslora}" if cfg.peft_type == "LORA" else None
+        what = lora or cfg.describe()  # other methods' configs describe themselves
+        lines.append(f"adapter {name!r}: {what} on {len(layers)} modules; active={name in active_adapters(model)}")
     return "\n".join(lines)

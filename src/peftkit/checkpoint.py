@@ -1,7 +1,8 @@
 """Adapters on disk in HF PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
 Keys are PEFT's: `base_model.model.<module path>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]);
-for embeddings `.lora_embedding_A` ([r, num_embeddings]) and `.lora_embedding_B` ([dim, r]); a
+for embeddings `.lora_embedding_A` ([r, num_embeddings]) and `.lora_embedding_B` ([dim, r]); DoRA's
+magnitude as `.lora_magnitude_vector` ([out], no `.weight` suffix, as PEFT writes it); a
 modules_to_save copy under the module's own path; biases of wrapped layers under `.base_layer.bias`.
 The adapter's name is not in the file. Loading validates every key against the model before anything
 changes, and never unpickles a `.bin` file unless the caller opts in.
@@ -29,6 +30,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def _factor_keys(path: str, kind: str) -> tuple[str, str]:
@@ -39,13 +41,23 @@ def _factor_keys(path: str, kind: str) -> tuple[str, str]:
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
     """Adapter `name`'s tensors under PEFT's key names (without the `base_model.model.` prefix)."""
+    from .methods.prefix import prefix_configs, prefix_state_dict  # here: methods.prefix imports this module
+
+    if name in prefix_configs(model):
+        return prefix_state_dict(model, name)
     require_adapter(model, name)
     config = configs(model)[name]
+    if config.peft_type == "BOTTLENECK":
+        from .bottleneck_io import bottleneck_state_dict  # here: bottleneck_io imports this module
+
+        return bottleneck_state_dict(model, name)
     out: dict[str, Tensor] = {}
     for path, w in wrappers(model):
         if isinstance(w, LoraLayer) and name in w.lora_A:
             key_a, key_b = _factor_keys(path, w.peftkit_kind)
             out[key_a], out[key_b] = w.lora_A[name], w.lora_B[name]
+            if name in w.lora_magnitude_vector:
+                out[f"{path}.{MAGNITUDE}"] = w.lora_magnitude_vector[name]
             if config.bias == "lora_only" and getattr(w.base, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = w.base.bias
         elif isinstance(w, SavedCopy) and name in w.copies:
@@ -71,7 +83,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
 
     `tensors` (adapter_state_dict's keys) replaces the model's own values: a sharded (FSDP) run gathers
     them on every process first and passes the full tensors to the one process that writes."""
+    from .methods.prefix import prefix_configs, save_prefix
+
+    if name in prefix_configs(model):
+        return save_prefix(model, directory, name, tensors=tensors)
     require_adapter(model, name)
+    if configs(model)[name].peft_type == "BOTTLENECK":
+        from .bottleneck_io import save_bottleneck
+
+        return save_bottleneck(model, directory, name)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = configs(model)[name]
@@ -158,6 +178,8 @@ def _expected(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tuple], d
         a_shape, b_shape = factor_shapes(kind, base, config.rank_for(path))
         key_a, key_b = _factor_keys(path, kind)
         required[key_a], required[key_b] = a_shape, b_shape
+        if config.use_dora:
+            required[f"{path}.{MAGNITUDE}"] = (b_shape[0],)
         for pname, p in base.named_parameters(recurse=False):
             optional[f"{path}.base_layer.{pname}"] = tuple(p.shape)  # PEFT saves embedding weights, biases
     try:
@@ -186,6 +208,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     if name in configs(model):
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) or load under another name")
     config, tensors = read_adapter(directory, name, allow_pickle=allow_pickle)
+    if config.peft_type == "PREFIX_TUNING":
+        from .methods.prefix import load_prefix
+
+        return load_prefix(model, directory, name, trainable=trainable)
+    if config.peft_type == "BOTTLENECK":
+        from .bottleneck_io import load_bottleneck
+
+        return load_bottleneck(model, directory, name, trainable=trainable)
     required, optional, problems = _expected(model, config)
     missing = sorted(k for k in required if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in required and k not in optional)
@@ -213,6 +243,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
                 key_a, key_b = _factor_keys(path, w.peftkit_kind)
                 w.lora_A[name].copy_(tensors[key_a])
                 w.lora_B[name].copy_(tensors[key_b])
+                if name in w.lora_magnitude_vector:
+                    w.lora_magnitude_vector[name].copy_(tensors[f"{path}.{MAGNITUDE}"])
             elif isinstance(w, SavedCopy) and name in w.copies:
                 w.copies[name].load_state_dict({k[len(path) + 1:]: v for k, v in tensors.items()
                                                 if k.startswith(path + ".")})

@@ -28,8 +28,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                           "tensors": {k: list(t.shape) for k, t in tensors.items()}}, indent=2))
         return 0
     print(f"adapter: {folder}")
-    print(f"type: {config.peft_type}  r={config.r}  lora_alpha={config.lora_alpha}  rslora={config.use_rslora}")
-    print(f"targets: {config.target_modules}  base: {config.base_model_name_or_path}")
+    if config.peft_type == "LORA":
+        print(f"type: LORA  r={config.r}  lora_alpha={config.lora_alpha}  rslora={config.use_rslora}  "
+              f"dora={config.use_dora}")
+        print(f"targets: {config.target_modules}  base: {config.base_model_name_or_path}")
+    else:
+        print(f"type: {config.peft_type}  {json.dumps(config.to_peft_dict(), sort_keys=True)}")
     print(f"{len(tensors)} tensors, {n_params:,} parameters, on {len(modules)} modules")
     for key in list(tensors)[: args.limit]:
         print(f"  {key}  {tuple(tensors[key].shape)}  {tensors[key].dtype}")

@@ -26,6 +26,7 @@ def _as_tuple(value: Any) -> tuple | None:
 @dataclass(frozen=True)
 class LoraConfig:
     """LoRA: W x + (alpha / r) * B A x, with A (r x in) and B (out x r) trained and W frozen.
+    use_dora=True: DoRA, a trained magnitude per output feature times the direction of W + (alpha / r) B A.
 
     target_modules: a list of module names (an entry matches a name that equals it or ends with
     "." + entry), a regex string that must fullmatch the module name, or "all-linear" (every linear
@@ -88,11 +89,6 @@ class LoraConfig:
                 re.compile(self.target_modules)
             except re.error as err:
                 problems.append(f"target_modules {self.target_modules!r} is not a valid regex: {err}")
-        if self.use_dora:
-            problems.append(
-                "use_dora=True is not supported yet (DoRA is tracked in its own issue); "
-                "train a plain LoRA adapter or use HF PEFT for DoRA until it lands"
-            )
         if problems:
             raise ValueError("invalid LoraConfig: " + "; ".join(problems))
 
@@ -132,12 +128,12 @@ class LoraConfig:
             raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; this loader reads 'LORA'")
         known = {f.name for f in fields(cls)}
         unsupported = {
-            "use_dora": False, "lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
+            "lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
             "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None,
             "use_bdlora": None,
         }
         bad = [f"{k}={data[k]!r}" for k, default in unsupported.items()
-               if k in data and data[k] not in (default, None, False, [], {}) and k != "use_dora"]
+               if k in data and data[k] not in (default, None, False, [], {})]
         if bad:
             raise ValueError("adapter_config.json uses options peftkit does not support yet: " + ", ".join(bad))
         kwargs = {k: v for k, v in data.items() if k in known}
@@ -164,5 +160,13 @@ def config_from_peft_dict(data: dict[str, Any]) -> LoraConfig:
     peft_type = data.get("peft_type", "LORA")
     if peft_type == "LORA":
         return LoraConfig.from_peft_dict(data)
-    raise ValueError(f"peft_type {peft_type!r} is not supported by this peftkit version (supported: LORA)")
+    if peft_type == "PREFIX_TUNING":
+        from .methods.prefix import PrefixConfig  # here: methods.prefix imports inject and checkpoint
+
+        return PrefixConfig.from_peft_dict(data)
+    if peft_type == "BOTTLENECK":
+        from .methods.bottleneck import BottleneckConfig  # here: methods.bottleneck imports inject, inject config
+
+        return BottleneckConfig.from_peft_dict(data)
+    raise ValueError(f"peft_type {peft_type!r} is not supported by this peftkit version (supported: LORA, BOTTLENECK, PREFIX_TUNING)")
 

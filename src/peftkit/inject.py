@@ -77,7 +77,17 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, init:
     config's target_modules select are wrapped. Everything else is frozen. Returns the same model.
     `init=False` skips the initialisation (the caller fills the weights, as the loader does).
     """
+    from .methods.bottleneck import BottleneckConfig, inject_bottleneck  # here: it imports this module
+
+    from .methods.prefix import PrefixConfig, inject_prefix, prefix_configs
+
+    if isinstance(config, BottleneckConfig):
+        return inject_bottleneck(model, config, name, init=init)
+    if isinstance(config, PrefixConfig):
+        return inject_prefix(model, config, name, init=init)
     check_name(name)
+    if name in prefix_configs(model):
+        raise ValueError(f"adapter {name!r} already exists (a prefix); remove it first or pick another name")
     if name in configs(model):
         raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
     if not isinstance(config, LoraConfig):
@@ -91,7 +101,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, init:
         layer = module if isinstance(module, LoraLayer) else LoraLayer(module, adaptable_kind(module))
         layer.add_adapter(
             name, r=config.rank_for(path), scaling=config.scaling_for(path), dropout=config.lora_dropout,
-            init=config.init_lora_weights if init else True,
+            init=config.init_lora_weights if init else True, dora=config.use_dora,
         )
         if layer is not module:
             _replace(model, path, layer)
@@ -117,13 +127,16 @@ def mark_trainable(model: nn.Module, name: str | None) -> None:
     config = configs(model)[name]
     for _, w in wrappers(model):
         if isinstance(w, LoraLayer) and name in w.lora_A:
-            w.lora_A[name].requires_grad_(True)
-            w.lora_B[name].requires_grad_(True)
+            for p in w.adapter_parameters(name):  # A, B and a DoRA magnitude
+                p.requires_grad_(True)
             if config.bias == "lora_only" and getattr(w.base, "bias", None) is not None:
                 w.base.bias.requires_grad_(True)
         elif isinstance(w, SavedCopy) and name in w.copies:
             w.copies[name].requires_grad_(True)
-    if config.bias == "all":
+        elif hasattr(w, "adapter_parameters") and name in w.adapter_names():  # other methods' wrappers
+            for p in w.adapter_parameters(name):
+                p.requires_grad_(True)
+    if getattr(config, "bias", "none") == "all":
         for pname, p in model.named_parameters():
             if pname.split(".")[-1] == "bias" and ".copies." not in pname:
                 p.requires_grad_(True)

@@ -12,7 +12,7 @@ from torch import nn
 from .adapters import active_adapters
 from .config import LoraConfig
 from .inject import configs, inject, lora_layers, remove_wrappers, require_adapter, wrappers
-from .methods.lora import get_dense_weight
+from .methods.bottleneck import merge_check
 
 
 def merged_adapters(model: nn.Module) -> list[str]:
@@ -38,15 +38,19 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
     NaN/inf first, and on any the merge is refused with the offending modules named and no weight changed.
     """
     names = _names(model, names)
+    merge_check(model, names)  # bottleneck adapters cannot merge: refuse before anything changes
+    active = active_adapters(model)
+    # Active adapters merge in their active order: a DoRA adapter scales what the ones before it produced,
+    # so the merged weight equals the forward only in that order (for plain LoRA the order is moot).
+    names = sorted(names, key=lambda n: active.index(n) if n in active else len(active))
     layers = list(lora_layers(model))
     if safe:
         bad = []
         for path, layer in layers:
             for name in names:
-                if name in layer.lora_A and name not in layer.merged:
-                    W = get_dense_weight(layer.base)
-                    if not torch.isfinite(W + layer.delta_weight(name).to(W.dtype)).all():
-                        bad.append(f"{path} (adapter {name!r})")
+                pending = name in layer.lora_A and name not in layer.merged
+                if pending and not torch.isfinite(layer.merged_weight(name)).all():
+                    bad.append(f"{path} (adapter {name!r})")
         if bad:
             raise ValueError(f"safe merge refused: NaN or inf in the merged weights of {', '.join(bad)}; "
                              "no weight was changed. Check the adapter for diverged training.")
@@ -94,6 +98,7 @@ def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None,
     from .quant.linear import NF4Linear, dequantize_model, quantize
 
     names = _names(model, names)
+    merge_check(model, names)  # bottleneck adapters cannot merge: refuse before anything changes
     quantized = {n.removesuffix(".base"): m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     if quantized:
         first = next(iter(quantized.values()))
@@ -131,8 +136,13 @@ def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "
         raise ValueError("combine needs at least one adapter in weights={name: weight}")
     for source in weights:
         require_adapter(model, source)
+        if not isinstance(configs(model)[source], LoraConfig):
+            raise ValueError(f"combine works on LoRA adapters; {source!r} is {configs(model)[source].peft_type}")
         if configs(model)[source].modules_to_save:
             raise ValueError(f"adapter {source!r} has modules_to_save; combine works on LoRA weights only")
+        if configs(model)[source].use_dora:
+            raise ValueError(f"adapter {source!r} is a DoRA adapter: its update is not a sum of B @ A terms, so "
+                             "combine cannot fold it into a LoRA adapter; merge it into the base instead")
     if merged_adapters(model):
         raise RuntimeError("combine needs unmerged adapters; call peftkit.unmerge(model) first")
     layers = [(p, l) for p, l in lora_layers(model) if any(s in l.lora_A for s in weights)]

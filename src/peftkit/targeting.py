@@ -56,7 +56,7 @@ def named_modules_outside_wrappers(module: nn.Module, prefix: str = ""):
     for child_name, child in module.named_children():
         name = f"{prefix}.{child_name}" if prefix else child_name
         yield name, child
-        if not getattr(child, "peftkit_wrapper", False):
+        if not getattr(child, "peftkit_wrapper", False) and not getattr(child, "peftkit_container", False):
             yield from named_modules_outside_wrappers(child, name)
 
 

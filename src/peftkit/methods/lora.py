@@ -2,6 +2,7 @@
 
     y = base(x) + scaling * B(A(dropout(x)))          linear / Conv1D
     y = base(ids) + scaling * B(A[:, ids])            embedding (A is r x num_embeddings)
+    y = f * (base(x) - b + scaling * B(A(x))) + b     DoRA, f = m / ||W + scaling * B A|| (see dora.py)
 
 The layer WRAPS the original module (kept as `.base`); it never copies or subclasses it. Base weights are
 read and written through `get_dense_weight` / `set_dense_weight`, so a quantized base only has to offer
@@ -16,6 +17,8 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import dora
 
 
 @runtime_checkable
@@ -50,6 +53,17 @@ def base_device(base: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _compute_dtype(w: Tensor) -> torch.dtype:
+    """float32, or float64 for a float64 weight: what DoRA's norms run in."""
+    return torch.promote_types(w.dtype, torch.float32)
+
+
+def _merge_dtype(w: Tensor) -> torch.dtype:
+    """DoRA merges scale the weight (f * (W + delta)) and unmerges divide it again: float64 keeps that round
+    trip as exact as a plain LoRA merge (one rounding, when the result is stored). MPS has no float64."""
+    return torch.float32 if w.device.type == "mps" else torch.float64
+
+
 def factor_shapes(kind: str, base: nn.Module, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Shapes of A and B at rank r, as stored in PEFT files. For an embedding, in = num_embeddings.
     Read from the module's attributes, so a quantized base is never dequantized for it."""
@@ -74,9 +88,12 @@ class LoraLayer(nn.Module):
         if kind not in ("linear", "conv1d", "embedding"):
             raise ValueError(f"LoraLayer cannot wrap a module of kind {kind!r}")
         self.base = base
+        self.training = base.training  # wrapping a module of a model in eval() must not switch dropout on
         self.peftkit_kind = kind
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m, (out,)
+        self.dora_merge_state: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # what undoes a DoRA merge
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.active: tuple[str, ...] = ()
@@ -95,7 +112,9 @@ class LoraLayer(nn.Module):
         return factor_shapes(self.peftkit_kind, self.base, r)
 
     # --- adapters ---------------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: bool | str) -> None:
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: bool | str,
+                    dora: bool = False) -> None:
+        """Add adapter `name`; with `dora=True` it also gets a magnitude vector (DoRA)."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists in this layer")
         device = base_device(self.base)
@@ -105,15 +124,25 @@ class LoraLayer(nn.Module):
         B = torch.empty(b_shape, device=device, dtype=dtype)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
+        if dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(torch.empty(b_shape[0], device=device, dtype=dtype))
         self.scaling[name] = scaling
         self.dropout[name] = float(dropout)
         self.reset_adapter(name, init)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter `name` in this layer: A, B and, for DoRA, the magnitude."""
+        params = [self.lora_A[name], self.lora_B[name]]
+        if name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[name])
+        return params
 
     @torch.no_grad()
     def reset_adapter(self, name: str, init: bool | str) -> None:
         """PEFT's initialisations. True: A kaiming-uniform, B zero (embedding: A zero, B normal), so the
         adapter starts as a no-op. "gaussian": A ~ N(0, 1/r). False: both random (for tests).
-        "pissa": A, B from the top-r singular triplets of W, which keeps W - scaling*BA as the base."""
+        "pissa": A, B from the top-r singular triplets of W, which keeps W - scaling*BA as the base.
+        A DoRA magnitude starts at ||W + scaling*BA|| (per output row), so the layer's output is W x + scaling*BA x."""
         A, B, r = self.lora_A[name], self.lora_B[name], self.lora_A[name].shape[0]
         if init == "pissa":
             self._pissa_init(name)
@@ -129,6 +158,9 @@ class LoraLayer(nn.Module):
                 nn.init.kaiming_uniform_(B, a=math.sqrt(5))
             else:
                 nn.init.zeros_(B)
+        if name in self.lora_magnitude_vector:
+            norm = dora.weight_norm(self._unmerged_out_in(), self._delta_out_in(name))
+            self.lora_magnitude_vector[name].copy_(norm)
 
     def _pissa_init(self, name: str) -> None:
         if self.peftkit_kind == "embedding":
@@ -171,6 +203,8 @@ class LoraLayer(nn.Module):
             raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
         for store in (self.lora_A, self.lora_B):
             del store[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.scaling.pop(name)
         self.dropout.pop(name)
         self.set_active(tuple(n for n in self.active if n != name))
@@ -185,19 +219,70 @@ class LoraLayer(nn.Module):
     def _from_out_in(self, w: Tensor) -> Tensor:
         return w if self.peftkit_kind == "linear" else w.T
 
+    def _delta_out_in(self, name: str) -> Tensor:
+        return (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]  # (out, in)
+
     def delta_weight(self, name: str) -> Tensor:
         """scaling * B @ A in the base weight's own layout ((out, in); (in, out) for Conv1D;
-        (num_embeddings, dim) for an embedding)."""
-        delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]  # (out, in)
-        return self._from_out_in(delta)
+        (num_embeddings, dim) for an embedding). For DoRA this is only the low-rank part of the update;
+        `merged_weight` gives the whole merged weight."""
+        return self._from_out_in(self._delta_out_in(name))
+
+    def _unmerged_out_in(self) -> Tensor:
+        """The base weight, (out, in), with every adapter merged into it taken out again (latest first).
+        DoRA's norms are defined on this weight, so merged and unmerged layers compute the same outputs."""
+        W = self._as_out_in(get_dense_weight(self.base))
+        if self.merged:
+            W = W.to(_compute_dtype(W))
+        for name in reversed(self.merged):
+            W = self._unmerge_step(W, name)
+        return W
+
+    def _unmerge_step(self, W: Tensor, name: str) -> Tensor:
+        """The (out, in) weight before merged adapter `name` was merged into W (a new tensor)."""
+        delta = self._delta_out_in(name).to(W.dtype)
+        if name not in self.dora_merge_state:
+            return W - delta
+        factor, zero_rows, saved_rows = (t.to(W.device) for t in self.dora_merge_state[name])
+        prev = dora.unmerged_weight(W, delta, factor.to(W.dtype))
+        prev[zero_rows] = saved_rows.to(W.dtype)  # rows a zero magnitude wiped out come back from the copy
+        return prev
+
+    def _dora_factor(self, name: str) -> Tensor:
+        """f = m / ||W + scaling * B A||, (out,), on the unmerged base weight. The norm is a detached constant
+        (DoRA paper, section 4.3); the magnitude's gradient flows through f."""
+        with torch.no_grad():
+            norm = dora.weight_norm(self._unmerged_out_in(), self._delta_out_in(name))  # (out,)
+        return self.lora_magnitude_vector[name] / norm
+
+    def _dora_merged(self, name: str) -> tuple[Tensor, Tensor]:
+        """(f * (W + delta) in the base weight's layout and dtype, f), W being the current weight."""
+        W = get_dense_weight(self.base)
+        factor = self._dora_factor(name)  # (out,)
+        W64 = self._as_out_in(W).to(_merge_dtype(W))
+        merged = dora.merged_weight(W64, self._delta_out_in(name).to(W64.dtype), factor.to(W64.dtype))
+        return self._from_out_in(merged).to(W.dtype), factor
+
+    @torch.no_grad()
+    def merged_weight(self, name: str) -> Tensor:
+        """The base weight, in its own layout, after merging adapter `name` into it (what merge writes)."""
+        if name in self.lora_magnitude_vector:
+            return self._dora_merged(name)[0]
+        W = get_dense_weight(self.base)
+        return W + self.delta_weight(name).to(W.dtype)
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """W += delta, in place. Merging an adapter that is already merged does nothing."""
+        """W += delta, in place (DoRA: W = f * (W + delta)). Merging an adapter already merged does nothing."""
         if name in self.merged:
             return
         W = get_dense_weight(self.base)
-        if isinstance(self.base, WeightAccess):
+        if name in self.lora_magnitude_vector:
+            merged, factor = self._dora_merged(name)
+            zero_rows = (factor == 0).nonzero().flatten()  # a zero magnitude cannot be divided out again
+            self.dora_merge_state[name] = (factor, zero_rows, self._as_out_in(W)[zero_rows].clone())
+            set_dense_weight(self.base, merged)
+        elif isinstance(self.base, WeightAccess):
             set_dense_weight(self.base, W + self.delta_weight(name).to(W.dtype))
         else:
             W.add_(self.delta_weight(name).to(W.dtype))
@@ -209,7 +294,11 @@ class LoraLayer(nn.Module):
         if name not in self.merged:
             return
         W = get_dense_weight(self.base)
-        if isinstance(self.base, WeightAccess):
+        if name in self.dora_merge_state:
+            prev = self._unmerge_step(self._as_out_in(W).to(_merge_dtype(W)), name)
+            set_dense_weight(self.base, self._from_out_in(prev).to(W.dtype))
+            del self.dora_merge_state[name]
+        elif isinstance(self.base, WeightAccess):
             set_dense_weight(self.base, W - self.delta_weight(name).to(W.dtype))
         else:
             W.sub_(self.delta_weight(name).to(W.dtype))
@@ -217,15 +306,15 @@ class LoraLayer(nn.Module):
         self._refresh()
 
     # --- forward ----------------------------------------------------------------------------------
-    def _hidden(self, x: Tensor, name: str) -> Tensor:
-        """A's output for input x: (..., r)."""
+    def _hidden(self, x: Tensor, name: str, drop: bool = True) -> Tensor:
+        """A's output for input x: (..., r). `drop=False`: the caller applied the dropout already."""
         A = self.lora_A[name]
         if self.peftkit_kind == "embedding":
             base = self.base
             return F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
                                base.scale_grad_by_freq, base.sparse)  # (B, T, r)
         p = self.dropout[name]
-        if p > 0.0 and self.training:
+        if drop and p > 0.0 and self.training:
             x = F.dropout(x, p=p, training=True)
         return x.to(A.dtype) @ A.T  # (B, T, r)
 
@@ -246,8 +335,27 @@ class LoraLayer(nn.Module):
         if self.row_adapters is not None:
             return self._forward_rows(x, out)
         for name in self.pending:
-            out = self._add_lora(out, x, name)
+            if name in self.lora_magnitude_vector:
+                out = out + self._dora_delta(out, x, name)
+            else:
+                out = self._add_lora(out, x, name)
         return out
+
+    def _dora_delta(self, out: Tensor, x: Tensor, name: str) -> Tensor:
+        """What DoRA adapter `name` adds to `out` (the output so far, bias included), as HF PEFT computes it:
+        (f - 1) * (out - bias) + f * scaling * B(A(x)). Several active adapters compose: each one scales the
+        output of those before it, as merging them in that order does. With dropout while training, the
+        base part is recomputed from the dropped-out input (PEFT's choice), without earlier adapters."""
+        p = self.dropout[name]
+        if self.peftkit_kind != "embedding" and p > 0.0 and self.training:
+            x = F.dropout(x, p=p, training=True)
+            W = self._as_out_in(get_dense_weight(self.base))
+            base_out = F.linear(x.to(out.dtype), W.to(out.dtype))  # (B, T, out), no bias
+        else:
+            bias = getattr(self.base, "bias", None)
+            base_out = out if bias is None else out - bias.to(out.dtype)  # (B, T, out)
+        lora_out = self._hidden(x, name, drop=False) @ self.lora_B[name].T  # (B, T, out)
+        return dora.output_delta(base_out, lora_out, self._dora_factor(name), self.scaling[name])
 
     def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
         """One batch whose row i uses adapter row_adapters[i] (None: the base alone)."""
@@ -258,10 +366,14 @@ class LoraLayer(nn.Module):
             if name not in self.lora_A:
                 continue  # this adapter does not target this layer
             idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=out.device)
-            delta = (self._hidden(x.index_select(0, idx), name) @ self.lora_B[name].T) * self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                delta = self._dora_delta(out.index_select(0, idx), x.index_select(0, idx), name)
+            else:
+                delta = (self._hidden(x.index_select(0, idx), name) @ self.lora_B[name].T) * self.scaling[name]
             out = out.index_add(0, idx, delta.to(out.dtype))
         return out
 
     def extra_repr(self) -> str:
         ranks = {n: self.lora_A[n].shape[0] for n in self.lora_A}
-        return f"kind={self.peftkit_kind}, adapters={ranks}, active={list(self.active)}, merged={self.merged}"
+        doras = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
+        return f"kind={self.peftkit_kind}, adapters={ranks}{doras}, active={list(self.active)}, merged={self.merged}"

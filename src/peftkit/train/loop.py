@@ -32,6 +32,11 @@ from .options import TrainOptions
 def _output_dir(o: TrainOptions) -> Path:
     if o.output_dir:
         return Path(o.output_dir)
+    if o.resume:
+        checkpoint = Path(o.resume)
+        if checkpoint.parent.name == "checkpoints":  # a checkpoint path names its run
+            return checkpoint.parent.parent
+        raise ValueError("--resume latest needs --output-dir naming the run to continue")
     name = "tickets" if o.builtin else Path(o.data).stem
     return Path("runs") / f"{name}-{o.method}-{datetime.now():%Y%m%d-%H%M%S}"
 
@@ -40,6 +45,34 @@ def _targets(spec: str):
     if spec == "all-linear" or any(c in spec for c in "*[]()\\|^$+?"):
         return spec
     return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def inject_method(model, o: TrainOptions) -> None:
+    """Put the adapter that --method names into the model (trainable, everything else frozen)."""
+    if o.method in ("lora", "qlora", "dora"):
+        inject(model, LoraConfig(r=o.r, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout,
+                                 target_modules=_targets(o.target_modules), use_rslora=o.use_rslora,
+                                 use_dora=o.method == "dora"))
+    elif o.method == "bottleneck":
+        from ..methods.bottleneck import BottleneckConfig
+
+        targets = None if o.target_modules == "all-linear" else _targets(o.target_modules)
+        inject(model, BottleneckConfig(variant=o.variant, reduction_factor=o.reduction_factor,
+                                       non_linearity=o.non_linearity, target_modules=targets))
+    elif o.method == "prefix":
+        from ..methods.prefix import PrefixConfig
+
+        inject(model, PrefixConfig(num_virtual_tokens=o.num_virtual_tokens, projection_dim=o.prefix_projection))
+    else:
+        raise ValueError(f"method {o.method!r} is not available")
+
+
+def describe_method(o: TrainOptions) -> str:
+    if o.method == "bottleneck":
+        return f"bottleneck ({o.variant}, reduction {o.reduction_factor}, {o.non_linearity})"
+    if o.method == "prefix":
+        return f"prefix tuning ({o.num_virtual_tokens} virtual tokens)"
+    return f"{o.method} r={o.r} on {o.target_modules}"
 
 
 def lr_lambda(o: TrainOptions, total: int):
@@ -148,9 +181,7 @@ def train(o: TrainOptions) -> dict:
     order = data_mod.BatchOrder(len(train_ex), global_batch, o.seed)
 
     torch.manual_seed(o.seed)
-    config = LoraConfig(r=o.r, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout,
-                        target_modules=_targets(o.target_modules), use_rslora=o.use_rslora)
-    inject(model, config)
+    inject_method(model, o)
     if o.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained, total = adapter_api.trainable_parameters(model)
@@ -171,7 +202,7 @@ def train(o: TrainOptions) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         report.write_json(out / "run_options.json", o.to_dict())
     if main:
-        print(f"peftkit train: {o.model}, {o.method} r={o.r} on {o.target_modules}; "
+        print(f"peftkit train: {o.model}, {describe_method(o)}; "
               f"data: {stats.describe()}; {len(val_ex)} validation examples; {total_steps} steps of "
               f"{global_batch} on {dist.world_size} process(es), {dist.device}", flush=True)
         print(f"peftkit train: trainable {trained:,} of {total:,} parameters ({100 * trained / total:.3f}%)",
@@ -239,7 +270,7 @@ def train(o: TrainOptions) -> dict:
     summary = None
     if main:
         metrics.log(step=total_steps, val_loss=val_loss, **({"exact_match": after} if after is not None else {}))
-        report.plot_loss(metrics.rows(), out / "loss_curve.png", f"{o.model}, {o.method} r={o.r}")
+        report.plot_loss(metrics.rows(), out / "loss_curve.png", f"{o.model}, {describe_method(o)}")
         rows = [r for r in metrics.rows() if "tokens_per_s" in r]
         summary = {
             "output_dir": str(out), "adapter_dir": str(adapter_dir), "model": o.model, "method": o.method,
@@ -323,7 +354,8 @@ def _restore(path: Path, model, named, optimizer, scheduler, o: TrainOptions) ->
     return int(state["step"]), state.get("exact_match_before")
 
 
-_SAME_RUN = ("model", "data", "method", "r", "lora_alpha", "target_modules", "use_rslora", "batch_size", "seed",
+_SAME_RUN = ("model", "data", "method", "r", "lora_alpha", "target_modules", "use_rslora", "variant",
+             "reduction_factor", "non_linearity", "num_virtual_tokens", "prefix_projection", "batch_size", "seed",
              "max_length", "lr", "schedule", "warmup_steps", "max_steps", "epochs", "grad_accum",
              "train_examples", "val_fraction", "val_data", "overflow", "weight_decay", "lora_dropout")
 

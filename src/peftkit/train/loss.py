@@ -60,9 +60,10 @@ def sum_token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     mask = targets != IGNORE_INDEX
     n_tokens = int(mask.sum())
-    if _is_fsdp_root(model):
-        # FSDP's hooks sit on the root module's forward: going around it to the decoder would meet sharded
-        # parameters. The model's own forward computes logits only at positions some row needs.
+    if _is_fsdp_root(model) or getattr(model, "peftkit_prefix", None) is not None:
+        # FSDP's hooks and a prefix's hooks sit on the root module's forward: going around it to the decoder
+        # would meet sharded parameters or miss the prefix. The model's own forward then computes logits
+        # only at the positions some row needs.
         keep = mask.any(dim=0).nonzero().flatten()  # (K,)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                        logits_to_keep=keep).logits  # (B, K, V)

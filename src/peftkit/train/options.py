@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("lora", "qlora", "dora", "bottleneck", "prefix")
-AVAILABLE_METHODS = ("lora", "qlora")
+AVAILABLE_METHODS = METHODS
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -30,7 +30,9 @@ class TrainOptions:
                             "records) or a saved `datasets` directory; omit it for the built-in ticket task")
     val_data: str | None = _opt(None, "validation data in the same formats (default: split --val-fraction off --data)")
     val_fraction: float = _opt(0.05, "share of --data held out for validation loss when --val-data is not given")
-    method: str = _opt("lora", "adapter method; qlora = LoRA on a 4-bit NF4 base with double quantization", METHODS)
+    method: str = _opt("lora", "adapter method: lora; qlora = LoRA on a 4-bit NF4 base with double quantization; "
+                       "dora = weight-decomposed LoRA; bottleneck = adapter layers (--variant); "
+                       "prefix = prefix tuning (--num-virtual-tokens)", METHODS)
     # the adapter
     r: int = _opt(16, "LoRA rank")
     lora_alpha: float = _opt(32.0, "LoRA alpha (the update is scaled by alpha / r)")
@@ -38,6 +40,13 @@ class TrainOptions:
     target_modules: str = _opt("all-linear", "modules to adapt: 'all-linear', a comma-separated list of names "
                                "(q_proj,v_proj), or a regex that fullmatches module paths")
     use_rslora: bool = _opt(False, "rsLoRA scaling alpha / sqrt(r)")
+    variant: str = _opt("houlsby", "bottleneck only: houlsby (after attention and feed-forward blocks) or "
+                        "pfeiffer (after the feed-forward block)", ("houlsby", "pfeiffer"))
+    reduction_factor: int = _opt(16, "bottleneck only: hidden size / bottleneck size")
+    non_linearity: str = _opt("relu", "bottleneck only: activation inside the bottleneck", ("relu", "gelu", "silu"))
+    num_virtual_tokens: int = _opt(20, "prefix only: trainable key/value positions per attention layer")
+    prefix_projection: int | None = _opt(None, "prefix only: train the prefix through an MLP of this width "
+                                         "(folded away when saving)")
     # optimisation
     lr: float = _opt(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -156,9 +165,11 @@ def build(overrides: dict[str, Any] | None = None, config_file: str | None = Non
 def validate(o: TrainOptions) -> None:
     problems = []
     if o.method not in AVAILABLE_METHODS:
-        problems.append(f"method {o.method!r} is not available yet (available: {', '.join(AVAILABLE_METHODS)}; "
-                        "dora, bottleneck and prefix arrive with the methods issue)")
-    for name in ("r", "batch_size", "grad_accum", "max_length", "nproc", "eval_examples", "loss_chunk"):
+        problems.append(f"method {o.method!r} is unknown (available: {', '.join(AVAILABLE_METHODS)})")
+    if o.method == "prefix" and o.gradient_checkpointing:
+        problems.append("prefix tuning cannot use --gradient-checkpointing (transformers drops the prefix's cache "
+                        "under it); leave it off")
+    for name in ("r", "reduction_factor", "num_virtual_tokens", "batch_size", "grad_accum", "max_length", "nproc", "eval_examples", "loss_chunk"):
         if getattr(o, name) < 1:
             problems.append(f"{name} must be at least 1 (got {getattr(o, name)})")
     if o.max_steps is not None and o.max_steps < 1:
@@ -173,7 +184,7 @@ def validate(o: TrainOptions) -> None:
         problems.append(f"lora_dropout must be in [0, 1) (got {o.lora_dropout})")
     if o.eval_examples > 1000:
         problems.append("eval_examples is at most 1000")
-    for name in ("schedule", "overflow", "dtype"):
+    for name in ("schedule", "overflow", "dtype", "variant", "non_linearity"):
         choices = FIELDS[name].metadata["choices"]
         if getattr(o, name) not in choices:
             problems.append(f"{name} must be one of {', '.join(choices)} (got {getattr(o, name)!r})")
