@@ -11,7 +11,7 @@ from conftest import inputs, nonzero_adapter, run, tiny_gpt2, tiny_llama, tiny_m
 from safetensors.torch import load_file
 
 import peftkit
-from peftkit.bottleneck_io import bottleneck_state_dict, load_bottleneck, save_bottleneck
+from peftkit.methods.bottleneck_io import bottleneck_state_dict, load_bottleneck, save_bottleneck
 from peftkit.methods.bottleneck import (
     BottleneckConfig,
     BottleneckLayer,

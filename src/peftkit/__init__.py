@@ -16,7 +16,7 @@ from .adapters import (
     summary,
     trainable_parameters,
 )
-from .bottleneck_io import bottleneck_state_dict, load_bottleneck, save_bottleneck
+from .methods.bottleneck_io import bottleneck_state_dict, load_bottleneck, save_bottleneck
 from .checkpoint import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from .config import LoraConfig
 from .inject import inject

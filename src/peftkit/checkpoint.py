@@ -48,7 +48,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Ten
     require_adapter(model, name)
     config = configs(model)[name]
     if config.peft_type == "BOTTLENECK":
-        from .bottleneck_io import bottleneck_state_dict  # here: bottleneck_io imports this module
+        from .methods.bottleneck_io import bottleneck_state_dict  # here: bottleneck_io imports this module
 
         return bottleneck_state_dict(model, name)
     out: dict[str, Tensor] = {}
@@ -89,7 +89,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         return save_prefix(model, directory, name, tensors=tensors)
     require_adapter(model, name)
     if configs(model)[name].peft_type == "BOTTLENECK":
-        from .bottleneck_io import save_bottleneck
+        from .methods.bottleneck_io import save_bottleneck
 
         return save_bottleneck(model, directory, name)
     directory = Path(directory)
@@ -196,6 +196,22 @@ def _expected(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tuple], d
     return required, optional, problems
 
 
+def raise_if_unfit(what: str, missing: list[str], unexpected: list[str], wrong: list[str], problems: list[str],
+                   base: str | None) -> None:
+    """One error naming every offending key (any adapter kind), or nothing when all fit."""
+    if not (missing or unexpected or wrong or problems):
+        return
+    parts = [f"{what} does not fit this model; nothing was changed.", *problems]
+    if wrong:
+        parts.append(f"{len(wrong)} key(s) with wrong shapes:\n  " + "\n  ".join(wrong))
+    if missing:
+        parts.append(f"{len(missing)} key(s) the model needs but the file lacks:\n  " + "\n  ".join(missing))
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) in the file:\n  " + "\n  ".join(unexpected))
+    parts.append(f"Is this adapter for another base model? Its config says base_model_name_or_path={base!r}.")
+    raise ValueError("\n".join(parts))
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", trainable: bool = False,
                  allow_pickle: bool = False) -> nn.Module:
     """Load a PEFT-format adapter into `model` in place as adapter `name`, and make it active.
@@ -213,7 +229,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
 
         return load_prefix(model, directory, name, trainable=trainable)
     if config.peft_type == "BOTTLENECK":
-        from .bottleneck_io import load_bottleneck
+        from .methods.bottleneck_io import load_bottleneck
 
         return load_bottleneck(model, directory, name, trainable=trainable)
     required, optional, problems = _expected(model, config)
@@ -222,18 +238,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     wrong = sorted(f"{k}: file {tuple(v.shape)}, model expects {required.get(k, optional.get(k))}"
                    for k, v in tensors.items()
                    if (k in required or k in optional) and tuple(v.shape) != required.get(k, optional.get(k)))
-    if missing or unexpected or wrong or problems:
-        parts = [f"adapter in {str(directory)!r} does not fit this model; nothing was changed."]
-        parts += problems
-        if wrong:
-            parts.append(f"{len(wrong)} key(s) with wrong shapes:\n  " + "\n  ".join(wrong))
-        if missing:
-            parts.append(f"{len(missing)} key(s) the model needs but the file lacks:\n  " + "\n  ".join(missing))
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) in the file:\n  " + "\n  ".join(unexpected))
-        parts.append("Is this adapter for another base model? Its config says "
-                     f"base_model_name_or_path={config.base_model_name_or_path!r}.")
-        raise ValueError("\n".join(parts))
+    raise_if_unfit(f"adapter in {str(directory)!r}", missing, unexpected, wrong, problems,
+                   config.base_model_name_or_path)
 
     inject(model, config, name, init=False)
     params = dict(model.named_parameters())

@@ -180,7 +180,7 @@ def _turn(turn: object, n: int, sharegpt: bool, where: str) -> dict:
     return {"role": role, "content": content}
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     """The chat as text: the tokenizer's chat template, or a plain instruction template when it has none."""
     if getattr(tokenizer, "chat_template", None) is None:
         blocks = [{"system": "{}", "user": "### Instruction:\n{}", "assistant": "### Response:\n{}" +
@@ -213,12 +213,12 @@ def tokenize_messages(tokenizer, messages: list[dict], max_length: int,
     counts as answer. Status: "ok", "truncated", "too_long" (overflow="skip") or "no_response" (no answer left).
     """
     _check_options(max_length, overflow)
-    full = _render(tokenizer, messages, False)
+    full = render_chat(tokenizer, messages, False)
     spans = []  # (start, end) character spans of the answers in `full`
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before, through = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[:i + 1], False)
+        before, through = render_chat(tokenizer, messages[:i], True), render_chat(tokenizer, messages[:i + 1], False)
         if not (through.startswith(before) and full.startswith(through)):
             raise DataError(f"the chat template renders message {i + 1} differently depending on what follows, so "
                             "the answer cannot be located; use a template whose rendering of a chat prefix is a "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .infer import _generation_config, _left_padding, chat_prompt
+from .infer import chat_prompt, generation_config, left_padding
 
 
 def _prefix_guard(tokenizer, targets: list[str], prompt_len: int):
@@ -37,11 +37,11 @@ def greedy_exact_match(model, tokenizer, conversations: list[list[dict]], target
     from transformers import StoppingCriteriaList
 
     longest = max(len(tokenizer(t, add_special_tokens=False).input_ids) for t in targets)
-    config = _generation_config(model, tokenizer, longest + 4, 0.0, 1.0)
+    config = generation_config(model, tokenizer, longest + 4, 0.0, 1.0)
     device = next(model.parameters()).device
     prompts = [chat_prompt(tokenizer, c) for c in conversations]
     replies: list[str] = []
-    with _left_padding(tokenizer):
+    with left_padding(tokenizer):
         for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="scoring", unit="batch"):
             chunk, wanted = prompts[start:start + batch_size], targets[start:start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

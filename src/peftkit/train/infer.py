@@ -23,7 +23,7 @@ from ..adapters import set_active
 from ..checkpoint import load_adapter
 from ..merge import merge_and_unload
 from ..models import load_model
-from .data import _render
+from .data import render_chat
 
 CHATML_END = "<|im_end|>"
 HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) leaves, /help shows this"
@@ -66,7 +66,7 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
     """The conversation rendered for generation: the tokenizer's chat template with the generation prompt,
     or, without a template, the instruction format training uses ("### Instruction:\\n...\\n\\n### Response:\\n",
     system text first), so prompts match what an adapter was trained on."""
-    return _render(tokenizer, messages, add_generation_prompt=True)
+    return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
@@ -83,7 +83,7 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _generation_config(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float):
+def generation_config(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float):
     """The model's generation config with our settings; sampling knobs are cleared for greedy decoding so
     transformers does not warn about settings it ignores."""
     stops = _stop_ids(model, tokenizer)
@@ -99,7 +99,7 @@ def _generation_config(model, tokenizer, max_new_tokens: int, temperature: float
 
 
 @contextmanager
-def _left_padding(tokenizer) -> Iterator[None]:
+def left_padding(tokenizer) -> Iterator[None]:
     """Left padding (and a pad token, eos if there is none) for the block; the tokenizer is restored after."""
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
@@ -132,11 +132,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, te
 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together: less padding
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    config = _generation_config(model, tokenizer, max_new_tokens, temperature, top_p)
+    config = generation_config(model, tokenizer, max_new_tokens, temperature, top_p)
     if seed is not None:
         torch.manual_seed(seed)
     replies = [""] * len(prompts)
-    with _left_padding(tokenizer), torch.inference_mode():
+    with left_padding(tokenizer), torch.inference_mode():
         for batch in tqdm(batches, disable=not progress, desc="generating", unit="batch"):
             enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(_device(model))
@@ -167,7 +167,7 @@ def stream_reply(model, tokenizer, prompt: str, max_new_tokens: int = 256, tempe
         raise ValueError("the prompt is empty; it needs text to continue")
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(_device(model))
-    config = _generation_config(model, tokenizer, max_new_tokens, temperature, top_p)
+    config = generation_config(model, tokenizer, max_new_tokens, temperature, top_p)
     stop, errors = threading.Event(), []
 
     def work() -> None:

@@ -22,9 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write, find_adapter_dir
-from .inject import check_name, configs, require_adapter
-from .methods.bottleneck import (
+from ..checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write, find_adapter_dir, raise_if_unfit
+from ..inject import check_name, configs, require_adapter
+from .bottleneck import (
     BottleneckConfig,
     bottleneck_dim,
     bottleneck_layers,
@@ -120,17 +120,8 @@ def load_bottleneck(model: nn.Module, directory: str | os.PathLike, name: str = 
     unexpected = sorted(k for k in tensors if k not in required)
     wrong = sorted(f"{k}: file {tuple(v.shape)}, model expects {required[k]}"
                    for k, v in tensors.items() if k in required and tuple(v.shape) != required[k])
-    if missing or unexpected or wrong or problems:
-        parts = [f"bottleneck adapter in {str(directory)!r} does not fit this model; nothing was changed.", *problems]
-        if wrong:
-            parts.append(f"{len(wrong)} key(s) with wrong shapes:\n  " + "\n  ".join(wrong))
-        if missing:
-            parts.append(f"{len(missing)} key(s) the model needs but the file lacks:\n  " + "\n  ".join(missing))
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) in the file:\n  " + "\n  ".join(unexpected))
-        parts.append("Is this adapter for another base model? Its config says "
-                     f"base_model_name_or_path={config.base_model_name_or_path!r}.")
-        raise ValueError("\n".join(parts))
+    raise_if_unfit(f"bottleneck adapter in {str(directory)!r}", missing, unexpected, wrong, problems,
+                   config.base_model_name_or_path)
 
     inject_bottleneck(model, config, name, init=False)
     with torch.no_grad():
