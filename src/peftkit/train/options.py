@@ -207,7 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             flags = [flag, "--lora-r"] if name == "r" else [flag]  # torchrun's parser mistakes a bare --r
             parser.add_argument(*flags, dest=name, default=None, choices=f.metadata["choices"],
-                                metavar=f.metadata["metavar"] or name.upper(), help=help_text)
+                                metavar=f.metadata["metavar"] or (None if f.metadata["choices"] else name.upper()), help=help_text)
 
 
 def from_args(args: argparse.Namespace) -> TrainOptions:
