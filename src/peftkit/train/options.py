@@ -206,8 +206,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             flags = [flag, "--lora-r"] if name == "r" else [flag]  # torchrun's parser mistakes a bare --r
-            parser.add_argument(*flags, dest=name, default=None, choices=f.metadata["choices"],
-                                metavar=f.metadata["metavar"] or (None if f.metadata["choices"] else name.upper()), help=help_text)
+            metavar = f.metadata["metavar"] or (None if f.metadata["choices"] else name.upper())
+            parser.add_argument(*flags, dest=name, default=None, choices=f.metadata["choices"], metavar=metavar,
+                                help=help_text)
 
 
 def from_args(args: argparse.Namespace) -> TrainOptions:
