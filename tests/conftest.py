@@ -90,18 +90,21 @@ CORPUS = ["What colour is the sky?", "The sky is blue.", "Name a fruit.", "An ap
           "one two three", "Say hi", "hi there", "user assistant system"]
 
 
-def make_tokenizer():
+def make_tokenizer(chat_template: str | None = CHATML, split_words: bool = True, corpus: list[str] | None = None,
+                   vocab_size: int = 300):
+    """A byte-level BPE tokenizer with ChatML special tokens, trained on `corpus` (default CORPUS);
+    split_words=False lets merges cross any boundary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.train_from_iterator((corpus or CORPUS) * 20, trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
-    wrapped.chat_template = CHATML
+    wrapped.chat_template = chat_template
     return wrapped
 
 

@@ -11,15 +11,18 @@ from conftest import inputs, nonzero_adapter, run, tiny_gpt2, tiny_llama, tiny_m
 from safetensors.torch import load_file
 
 import peftkit
-from peftkit.methods.bottleneck_io import bottleneck_state_dict, load_bottleneck, save_bottleneck
 from peftkit.methods.bottleneck import (
     BottleneckConfig,
     BottleneckLayer,
     bottleneck_layers,
     inject_bottleneck,
-    mark_bottleneck_trainable,
     merge_check,
     unload_bottleneck,
+)
+from peftkit.methods.bottleneck_io import (
+    bottleneck_state_dict,
+    load_bottleneck,
+    save_bottleneck,
 )
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -236,7 +239,7 @@ def test_lora_and_bottleneck_share_a_model():
     assert set(peftkit.adapter_state_dict(model, "lora")) == lora_keys  # LoRA's paths did not move
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n in dict(model.named_parameters()) if ".bottleneck.bn." in n}
-    mark_bottleneck_trainable(model, "lora")
+    peftkit.set_trainable(model, "lora")
     assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     rows = ["lora", "bn", None]
     with peftkit.per_row(model, rows):

@@ -10,6 +10,7 @@ import json
 import re
 import sys
 
+import conftest
 import pytest
 import torch
 
@@ -33,19 +34,8 @@ CORPUS = ["You are terse.", "What is the capital of France?", "Paris is the capi
 
 
 def make_tokenizer(chat_template: str | None = CHATML, split_words: bool = True):
-    """A byte-level BPE tokenizer with ChatML special tokens; split_words=False lets merges cross any boundary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
-    wrapped.chat_template = chat_template
-    return wrapped
+    """The suite's BPE tokenizer (tests/conftest.py), trained on this file's corpus."""
+    return conftest.make_tokenizer(chat_template, split_words, corpus=CORPUS, vocab_size=600)
 
 
 @pytest.fixture(scope="module")

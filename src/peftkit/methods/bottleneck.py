@@ -338,21 +338,8 @@ def inject_bottleneck(model: nn.Module, config: BottleneckConfig, name: str = "d
     from ..adapters import set_active
 
     set_active(model, [name])
-    mark_bottleneck_trainable(model, name)
+    mark_trainable(model, name)  # asks every wrapper for the adapter's parameters
     return model
-
-
-def mark_bottleneck_trainable(model: nn.Module, name: str | None) -> None:
-    """Freeze everything, then unfreeze adapter `name`'s weights; a LoRA adapter's name goes to LoRA's rule.
-    (Stands in for peftkit.inject.mark_trainable until that asks wrappers for `adapter_parameters`.)"""
-    if name is not None and not isinstance(configs(model).get(name), BottleneckConfig):
-        return mark_trainable(model, name)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, w in bottleneck_layers(model):
-        if name in w.bottleneck:
-            for p in w.adapter_parameters(name):
-                p.requires_grad_(True)
 
 
 def bottleneck_layers(model: nn.Module) -> Iterator[tuple[str, BottleneckLayer]]:

@@ -23,14 +23,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write, find_adapter_dir, raise_if_unfit
-from ..inject import check_name, configs, require_adapter
+from ..inject import check_name, configs, mark_trainable, require_adapter
 from .bottleneck import (
     BottleneckConfig,
     bottleneck_dim,
     bottleneck_layers,
     default_bottleneck_targets,
     inject_bottleneck,
-    mark_bottleneck_trainable,
     select_bottleneck_targets,
 )
 
@@ -130,5 +129,5 @@ def load_bottleneck(model: nn.Module, directory: str | os.PathLike, name: str = 
                 params = dict(layer.bottleneck[name].named_parameters())
                 for key, p in _keys(path).items():
                     params[p].copy_(tensors[key])
-    mark_bottleneck_trainable(model, name if trainable else None)
+    mark_trainable(model, name if trainable else None)
     return model
