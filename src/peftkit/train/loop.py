@@ -88,7 +88,7 @@ def lr_lambda(o: TrainOptions, total: int):
     return f
 
 
-def _load_data(o: TrainOptions, tokenizer, total_hint: int | None):
+def _load_data(o: TrainOptions, tokenizer):
     """(train examples, validation examples, eval tickets or None, stats text)."""
     if o.builtin:
         n = o.train_examples or o.batch_size * (o.max_steps or 40)
@@ -172,7 +172,7 @@ def train(o: TrainOptions) -> dict:
                                   compute_dtype=dtype if o.method == "qlora" else None)
     model.to(dist.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    train_ex, val_ex, tickets, stats = _load_data(o, tokenizer, o.max_steps)
+    train_ex, val_ex, tickets, stats = _load_data(o, tokenizer)
     global_batch = o.batch_size
     if global_batch % (dist.world_size * o.grad_accum):
         raise ValueError(f"--batch-size {global_batch} must divide by processes x --grad-accum "
