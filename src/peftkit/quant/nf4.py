@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from peftkit.quant import alloc
+
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -190,10 +192,9 @@ def dequantize(q: NF4Weight, dtype: torch.dtype | None = None, out: Tensor | Non
     # wide elements runs about 1.7x faster than gathering (65536, 4) rows. Bits are copied unchanged.
     table = _pair_table(str(packed.device)).view(torch.complex128).view(-1)
     if out is None:
-        values = torch.index_select(table, 0, pairs).view(torch.float32)  # (4 * ceil(n/4),)
-    else:
-        values = out.view(-1)[: 4 * pairs.numel()]
-        torch.index_select(table, 0, pairs, out=values.view(torch.complex128))
+        out = alloc.empty(4 * pairs.numel(), torch.float32, packed.device)  # huge pages: far fewer faults
+    values = out.view(-1)[: 4 * pairs.numel()]
+    torch.index_select(table, 0, pairs, out=values.view(torch.complex128))
     n, bs = q.numel, q.blocksize
     full = n - n % bs
     values[:full].view(-1, bs).mul_(q.absmax[: full // bs, None])
