@@ -107,9 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("-v", "--verbose", action="store_true", help="list every selected module")
     targets.set_defaults(func=_cmd_targets)
 
+    from .plan.cli import add_plan_command
+    from .plan.sweep_cli import add_sweep_command
     from .train.commands import add_commands
 
     add_commands(sub)
+    add_plan_command(sub)
+    add_sweep_command(sub)
     return parser
 
 

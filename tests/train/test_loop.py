@@ -190,3 +190,18 @@ def test_other_methods_train_and_save_loadable_adapters(tiny_model_dir, qa_jsonl
     assert config["peft_type"] == peft_type and config.get("use_dora", False) == (method == "dora")
     fresh, _ = load_model(tiny_model_dir)
     peftkit.load_adapter(fresh, out / "adapter")
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_a_loadable_model(tiny_model_dir, qa_jsonl, tmp_path):
+    from peftkit.models import load_model
+
+    out = tmp_path / "full"
+    summary = loop.train(run_opts(tiny_model_dir, qa_jsonl, out, method="full", max_steps=8, lr=2e-3, save_every=4))
+    assert summary["trainable_params"] == summary["total_params"]
+    rows = losses(out)
+    assert sum(rows[-3:]) < sum(rows[:3])
+    base, _ = load_model(tiny_model_dir)
+    tuned, _ = load_model(str(out / "model"))
+    changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert len(changed) == len(base.state_dict())  # every tensor moved
+    assert torch.equal(tuned.get_input_embeddings().weight, final_params(out)["model.embed_tokens.weight"])

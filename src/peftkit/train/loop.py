@@ -21,6 +21,7 @@ from .. import adapters as adapter_api
 from ..checkpoint import adapter_state_dict, save_adapter
 from ..config import LoraConfig
 from ..inject import inject
+from . import allocator
 from . import checkpoints as ckpt
 from . import data as data_mod
 from . import distributed as dist_mod
@@ -59,6 +60,9 @@ def inject_method(model, o: TrainOptions) -> None:
         targets = None if o.target_modules == "all-linear" else _targets(o.target_modules)
         inject(model, BottleneckConfig(variant=o.variant, reduction_factor=o.reduction_factor,
                                        non_linearity=o.non_linearity, target_modules=targets))
+    elif o.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
     elif o.method == "prefix":
         from ..methods.prefix import PrefixConfig
 
@@ -72,6 +76,8 @@ def describe_method(o: TrainOptions) -> str:
         return f"bottleneck ({o.variant}, reduction {o.reduction_factor}, {o.non_linearity})"
     if o.method == "prefix":
         return f"prefix tuning ({o.num_virtual_tokens} virtual tokens)"
+    if o.method == "full":
+        return "full fine-tuning"
     return f"{o.method} r={o.r} on {o.target_modules}"
 
 
@@ -157,6 +163,8 @@ def train(o: TrainOptions) -> dict:
         torch.set_num_threads(o.threads)
     elif dist.enabled and dist.device.type == "cpu":  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+    if dist.device.type == "cpu":  # resident memory then follows the live tensors (allocator.py says why)
+        allocator.release_freed_memory()
     out = _output_dir(o)
     main = dist.is_main
     if main:
@@ -258,12 +266,12 @@ def train(o: TrainOptions) -> dict:
     train_seconds = train_seconds_before + time.perf_counter() - t_train
 
     val_loss = validation_loss(model, val_ex, pad_id, dist.device, o.batch_size, o.loss_chunk)
-    adapter_dir = out / "adapter"
+    adapter_dir = out / ("model" if o.method == "full" else "adapter")
     _save(out, total_steps, model, named, optimizer, scheduler, before, o, dist)
     sharded = o.fsdp and dist.enabled
     gathered = {k: _full(v) for k, v in adapter_state_dict(model).items()} if sharded else None
     if main:
-        save_adapter(model, adapter_dir, tensors=gathered)
+        _write_result(model, tokenizer, adapter_dir, o, gathered)
     after = None
     if tickets and (main or sharded):  # a sharded model needs every process in each forward pass
         after = exact_match(model, tokenizer, tickets, o.progress and main, "trained adapter")
@@ -320,10 +328,19 @@ def _save(out: Path, step: int, model, named, optimizer, scheduler, before, o: T
     if dist.is_main:
         state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(), "rng": ckpt.capture_rng(),
                  "exact_match_before": before, "world_size": dist.world_size}
-        extra = None if (o.fsdp and dist.enabled) else {"adapter": lambda p: save_adapter(model, p)}
+        extra = None if (o.fsdp and dist.enabled or o.method == "full") else {"adapter": lambda p: save_adapter(model, p)}
         ckpt.save_checkpoint(out, step, params=params, trainer_state=state, extra_dirs=extra,
                              keep_last=o.keep_checkpoints)
     dist_mod.barrier(dist)
+
+
+def _write_result(model, tokenizer, path: Path, o: TrainOptions, tensors: dict | None) -> None:
+    """The adapter in PEFT format, or for --method full the whole model as a transformers directory."""
+    if o.method != "full":
+        save_adapter(model, path, tensors=tensors)
+        return
+    model.save_pretrained(path, state_dict=tensors)
+    tokenizer.save_pretrained(path)
 
 
 def _restore(path: Path, model, named, optimizer, scheduler, o: TrainOptions) -> tuple[int, float | None]:

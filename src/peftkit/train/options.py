@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("lora", "qlora", "dora", "bottleneck", "prefix")
+METHODS = ("lora", "qlora", "dora", "bottleneck", "prefix", "full")
 AVAILABLE_METHODS = METHODS
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -32,7 +32,8 @@ class TrainOptions:
     val_fraction: float = _opt(0.05, "share of --data held out for validation loss when --val-data is not given")
     method: str = _opt("lora", "adapter method: lora; qlora = LoRA on a 4-bit NF4 base with double quantization; "
                        "dora = weight-decomposed LoRA; bottleneck = adapter layers (--variant); "
-                       "prefix = prefix tuning (--num-virtual-tokens)", METHODS)
+                       "prefix = prefix tuning (--num-virtual-tokens); full = every weight trains (no adapter; "
+                       "the whole model is saved in <output-dir>/model)", METHODS)
     # the adapter
     r: int = _opt(16, "LoRA rank")
     lora_alpha: float = _opt(32.0, "LoRA alpha (the update is scaled by alpha / r)")

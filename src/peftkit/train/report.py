@@ -38,9 +38,16 @@ def check_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: accelerator memory allocated on CUDA, resident set size on CPU."""
+    """Peak memory of this process: accelerator memory allocated on CUDA, resident set size on CPU.
+    On Linux the resident peak is VmHWM: ru_maxrss survives exec, so a process started from a larger
+    one would report its parent's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 

@@ -1,0 +1,224 @@
+"""The planner's memory model: what one training process holds at its peak, term by term.
+
+Counted from what the code keeps, not fitted: weights (NF4 codes and statistics for QLoRA), gradients and
+optimizer states of the trainable parameters, the activations autograd saves for backward (per layer and
+token, as transformers' Llama-family blocks with SDPA attention and peftkit's adapters save them), the
+largest temporary of the backward pass (the output head's logits chunk, a layer's gradients, a
+dequantized 4-bit weight), and the runtime itself (CUDA context, or Python + torch on a CPU).
+Assumptions worth knowing: SDPA attention (no T x T scores kept), the loss head run only on the tokens
+that carry a label, `loss_chunk` rows at a time (peftkit's loss; a plain `model(labels=...)` holds the
+logits of every position), Adam moments in fp32, and no allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .presets import ModelShape
+
+METHODS = ("full", "lora", "dora", "qlora", "bottleneck", "prefix")
+OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2.0, "sgd": 4.0, "sgd-nomomentum": 0.0}  # state bytes per parameter
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RUNTIME_BYTES = {"cuda": 0.5 * 2**30, "cpu": 330 * 2**20}  # CUDA context + kernels; Python + torch + transformers
+ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
+NF4_BYTES = 0.5  # two 4-bit codes a byte
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One training setup. `targets`: 'all-linear', 'attention' (q, k, v, o) or module names (q_proj, ...).
+    `answer_fraction`: share of the tokens that carry a loss (instruction data: the answer part)."""
+
+    method: str = "lora"
+    r: int = 16
+    targets: str | tuple[str, ...] = "all-linear"
+    batch_size: int = 1
+    seq_len: int = 512
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    dtype: str = "bfloat16"
+    adapter_dtype: str = "float32"
+    num_gpus: int = 1
+    device: str = "cuda"
+    reduction_factor: int = 16
+    variant: str = "houlsby"
+    num_virtual_tokens: int = 20
+    blocksize: int = 64
+    double_quant: bool = True
+    answer_fraction: float = 1.0
+    loss_chunk: int = 1024
+
+    def check(self, shape: ModelShape) -> None:
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method {self.method!r} is unknown (known: {', '.join(METHODS)})")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} is unknown (known: {', '.join(OPTIMIZERS)})")
+        for name in ("dtype", "adapter_dtype"):
+            if getattr(self, name) not in DTYPES:
+                problems.append(f"{name} {getattr(self, name)!r} is unknown (known: {', '.join(DTYPES)})")
+        if self.device not in RUNTIME_BYTES:
+            problems.append(f"device {self.device!r} is unknown (cuda or cpu)")
+        for name in ("batch_size", "seq_len", "num_gpus", "r", "reduction_factor", "loss_chunk", "blocksize"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 < self.answer_fraction <= 1.0:
+            problems.append(f"answer_fraction must be in (0, 1], got {self.answer_fraction}")
+        if self.method in ("lora", "dora", "qlora"):
+            unknown = sorted(set(self.target_names(shape)) - set(shape.linears()))
+            if unknown or not self.target_names(shape):
+                problems.append(f"targets {unknown or list(self.targets)} are not linear layers of {shape.name} "
+                                f"(its layers: {', '.join(shape.linears())}; or 'all-linear', 'attention')")
+            too_big = [n for n, (i, o) in shape.linears().items() if n in self.target_names(shape) and self.r > min(i, o)]
+            if too_big:
+                problems.append(f"rank {self.r} is larger than the layers {', '.join(too_big)} "
+                                f"(smallest side {min(min(shape.linears()[n]) for n in too_big)}): a rank above it "
+                                "adds parameters but no expressive power")
+        if self.method == "bottleneck" and self.reduction_factor > shape.hidden_size:
+            problems.append(f"reduction_factor {self.reduction_factor} exceeds the hidden size {shape.hidden_size}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def target_names(self, shape: ModelShape) -> tuple[str, ...]:
+        if self.targets == "all-linear":
+            return tuple(shape.linears())
+        if self.targets == "attention":
+            return tuple(n for n in shape.linears() if n in ATTENTION)
+        names = (self.targets,) if isinstance(self.targets, str) else self.targets
+        return tuple(n.strip() for n in names if n.strip())
+
+
+@dataclass
+class Estimate:
+    """Bytes per term at the peak of one process (one GPU), plus the counts behind them."""
+
+    shape: ModelShape
+    settings: Settings
+    parts: dict[str, float] = field(default_factory=dict)
+    trainable_params: int = 0
+    total_params: int = 0
+    output_bytes: float = 0.0  # adapter file (or the whole model for full fine-tuning)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_params / max(self.total_params, 1)
+
+    def to_dict(self) -> dict:
+        gib = 2**30
+        return {"model": self.shape.name, "settings": self.settings.__dict__ | {"targets": list(
+                    self.settings.target_names(self.shape)) if self.settings.method in ("lora", "dora", "qlora") else None},
+                "parts_gib": {k: round(v / gib, 4) for k, v in self.parts.items()},
+                "total_gib": round(self.total / gib, 4), "trainable_params": self.trainable_params,
+                "total_params": self.total_params, "trainable_share": self.trainable_share,
+                "output_file_bytes": int(self.output_bytes)}
+
+
+def adapter_params(shape: ModelShape, s: Settings) -> int:
+    """Trainable parameters the method adds (all parameters for full fine-tuning)."""
+    if s.method == "full":
+        return shape.total_params()
+    if s.method in ("lora", "dora", "qlora"):
+        per_block = sum(s.r * (i + o) + (o if s.method == "dora" else 0)
+                        for n, (i, o) in shape.linears().items() if n in s.target_names(shape))
+        return per_block * shape.num_layers
+    if s.method == "bottleneck":
+        width = max(1, shape.hidden_size // s.reduction_factor)
+        per_adapter = 2 * shape.hidden_size * width + width + shape.hidden_size
+        return per_adapter * shape.num_layers * (2 if s.variant == "houlsby" else 1)
+    return s.num_virtual_tokens * shape.num_layers * 2 * shape.num_kv_heads * shape.dim_per_head  # prefix
+
+
+def _weights(shape: ModelShape, s: Settings) -> tuple[float, float]:
+    """(weights, quantization statistics) in bytes: the base plus the adapter's own parameters."""
+    act = DTYPES[s.dtype]
+    extra = 0 if s.method == "full" else adapter_params(shape, s) * DTYPES[s.adapter_dtype]
+    if s.method != "qlora":
+        return shape.total_params() * act + extra, 0.0
+    linear = shape.num_layers * shape.block_linear_params()
+    blocks = linear / s.blocksize
+    stats = blocks * (1 + 4 / 256) + 4 if s.double_quant else blocks * 4  # 8-bit absmax + fp32 scale per 256
+    return linear * NF4_BYTES + (shape.total_params() - linear) * act + extra, stats
+
+
+def _layer_activations(shape: ModelShape, s: Settings) -> float:
+    """Bytes autograd keeps per token for one decoder block (no checkpointing). Counted from what
+    transformers' Llama block saves (checked tensor by tensor with saved-tensor hooks): the two residual
+    inputs of the RMSNorms, SDPA's query, keys and values (repeated to every query head when a padding mask
+    is present) and output, SwiGLU's gate, up and silu(gate); then whatever the trainable parts add."""
+    act, adt = DTYPES[s.dtype], DTYPES[s.adapter_dtype]
+    h, i, d = shape.hidden_size, shape.intermediate_size, shape.num_heads * shape.dim_per_head
+    fp32 = 4
+    total = 2 * h * act + 2 * fp32 + 4 * d * act + shape.num_heads * fp32
+    total += (3 if shape.gated_mlp else 1) * i * act
+    width = {"ln1": h, "attn": 0, "ln2": h, "mid": i}  # o_proj's input is a view of SDPA's output
+    if s.method == "full":  # every linear input, and the normalised states the norm weights multiply
+        return total + sum(width.values()) * act + 2 * h * act
+    if s.method in ("lora", "dora", "qlora"):
+        names = s.target_names(shape)
+        group = {"q_proj": "ln1", "k_proj": "ln1", "v_proj": "ln1", "o_proj": "attn", "gate_proj": "ln2",
+                 "up_proj": "ln2", "down_proj": "mid"}
+        if adt == act:  # adapters read the layer's own tensors: one saved copy per distinct input
+            total += sum(width[g] for g in {group[n] for n in names}) * act
+        else:  # each adapter casts its input to its own dtype and autograd keeps that copy
+            total += sum(shape.linears()[n][0] for n in names) * adt
+        total += len(names) * s.r * act  # A's output, as B reads it
+        if s.method == "dora":
+            total += sum(o for n, (_, o) in shape.linears().items() if n in names) * 2 * act
+    elif s.method == "bottleneck":
+        width_b = max(1, h // s.reduction_factor)
+        total += (2 if s.variant == "houlsby" else 1) * (h + 2 * width_b) * adt
+    return total
+
+
+def _head_temporary(shape: ModelShape, s: Settings, tokens: int) -> float:
+    """The backward of one loss chunk: logits, log-softmax, and their gradients, (rows, V) each in fp32."""
+    rows = min(s.loss_chunk, max(1, round(tokens * s.answer_fraction)))
+    act = DTYPES[s.dtype]
+    return rows * shape.vocab_size * (4 * 4 + (2 * act if act < 4 else 0))
+
+
+def estimate(shape: ModelShape, s: Settings) -> Estimate:
+    s.check(shape)
+    gib_parts: dict[str, float] = {}
+    weights, stats = _weights(shape, s)
+    trainable = adapter_params(shape, s)
+    tbytes = DTYPES[s.dtype] if s.method == "full" else DTYPES[s.adapter_dtype]
+    grads = trainable * tbytes
+    optim = trainable * OPTIMIZERS[s.optimizer]
+    if s.num_gpus > 1 and s.method == "full":  # FSDP / ZeRO-3: each GPU holds 1/n of the states
+        weights, grads, optim = weights / s.num_gpus, grads / s.num_gpus, optim / s.num_gpus
+
+    tokens = s.batch_size * s.seq_len
+    act = DTYPES[s.dtype]
+    h = shape.hidden_size
+    per_layer = _layer_activations(shape, s) * tokens
+    outside = (2 * h * tokens + h * round(tokens * s.answer_fraction)) * act  # final norm in/out, picked rows
+    if s.gradient_checkpointing:  # each block keeps its input; one block is recomputed at a time in backward
+        saved = shape.num_layers * h * tokens * act + per_layer + outside
+    else:
+        saved = shape.num_layers * per_layer + outside
+    layer_grads = tokens * (3 * h + 3 * shape.intermediate_size) * act
+    dequant = 0.0
+    if s.method == "qlora":  # one dense copy of the largest 4-bit weight (fp32 scratch, then the compute dtype)
+        biggest = max(a * b for a, b in shape.linears().values())
+        dequant = biggest * (4 + (act if act < 4 else 0))
+    temporary = max(_head_temporary(shape, s, tokens), layer_grads + dequant)
+
+    gib_parts["weights"] = weights
+    gib_parts["quantization statistics"] = stats
+    gib_parts["gradients"] = grads
+    gib_parts["optimizer states"] = optim
+    gib_parts["activations"] = saved
+    gib_parts["temporary buffers"] = temporary
+    gib_parts["runtime"] = RUNTIME_BYTES[s.device]
+    output = shape.total_params() * act if s.method == "full" else trainable * DTYPES[s.adapter_dtype] + 1024
+    return Estimate(shape, s, gib_parts, trainable, shape.total_params() + (0 if s.method == "full" else trainable),
+                    output)
+
+
+def with_changes(s: Settings, **changes) -> Settings:
+    return replace(s, **changes)
