@@ -13,9 +13,11 @@ start from the same loss (checked to 1e-4 before anything is timed).
 Step time: warm-up steps, then steps timed round-robin (the order rotating every round) so drift on a
 noisy, shared machine hits both alike; MEDIANS are compared as a ratio peftkit / HF PEFT (< 1: peftkit is
 faster). Peak memory: each side runs again in its own child process (peak RSS is per process), and the
-growth of the peak over the memory after load + inject + optimizer is reported: on CPU VmHWM after
-resetting it through /proc/self/clear_refs (ru_maxrss if that is not permitted), on CUDA
-torch.cuda.max_memory_allocated. Threads default to 1: two threads on the 2-core shared VMs are noisy.
+growth of the peak over the memory after load + inject + optimizer (weights paged in) is reported: on CPU
+VmHWM after resetting it through /proc/self/clear_refs (ru_maxrss if that is not permitted), on CUDA
+torch.cuda.max_memory_allocated; the whole process's peak too. peftkit's process sets glibc's mmap
+threshold as `peftkit train` does on a CPU (src/peftkit/train/allocator.py); --same-allocator gives HF
+PEFT's process the same setting, to see how much of the memory ratio that is. Threads default to 1: two threads on the 2-core shared VMs are noisy.
 
 Run:  python bench/train.py [--models tiny,smollm2] [--batch B] [--smollm2-batch 4] [--seq 256] [--steps N]
                             [--warmup N] [--device cpu|cuda] [--threads 1] [--json out.json] [--quick]
@@ -149,9 +151,15 @@ def _status_kib(field: str) -> int:
 def measure_memory(args: argparse.Namespace) -> None:
     """Child process: peak memory growth (MiB) of `args.mem_steps` training steps of one side; prints JSON."""
     device = torch.device(args.device)
+    if args.side == "peftkit" or args.same_allocator:  # what `peftkit train` does on a CPU (allocator.py)
+        from peftkit.train.allocator import release_freed_memory
+
+        release_freed_memory()
     model = build(args.side, load(args.models).to(device))
     batch = make_batch(model.config.vocab_size, args.batch, args.seq, device)
     step = stepper(args.side, model, batch)
+    with torch.no_grad():  # page in weights that are still memory-mapped from the file: not training memory
+        sum(float(p.sum()) for p in model.parameters())
     gc.collect()
     if device.type == "cuda":
         sync(device)
@@ -178,7 +186,7 @@ def measure_memory(args: argparse.Namespace) -> None:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"side": args.side, "how": how, "before_mib": before / 2**20,
-                      "growth_mib": (peak - before) / 2**20}))
+                      "growth_mib": (peak - before) / 2**20, "peak_mib": peak / 2**20}))
 
 
 def child_memory(name: str, batch: int, seq: int, args: argparse.Namespace) -> dict[str, dict]:
@@ -189,7 +197,7 @@ def child_memory(name: str, batch: int, seq: int, args: argparse.Namespace) -> d
     for side in SIDES:
         cmd = [sys.executable, os.path.abspath(__file__), "--_memory-side", side, "--models", name,
                "--batch", str(batch), "--seq", str(seq), "--device", args.device, "--threads", str(args.threads),
-               "--mem-steps", str(args.mem_steps)]
+               "--mem-steps", str(args.mem_steps)] + (["--same-allocator"] if args.same_allocator else [])
         procs[side] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if args.device != "cpu":
             outs[side] = procs[side].communicate()
@@ -241,23 +249,26 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
         "paired_time_ratio": statistics.median(a / b for a, b in zip(times["peftkit"], times["hf-peft"])),
         "peak_growth_mib": {s: m["growth_mib"] for s, m in mem.items()},
         "memory_ratio": mem["peftkit"]["growth_mib"] / mem["hf-peft"]["growth_mib"],
+        "peak_mib": {s: m["peak_mib"] for s, m in mem.items()},
+        "process_peak_ratio": mem["peftkit"]["peak_mib"] / mem["hf-peft"]["peak_mib"],
         "memory_how": mem["peftkit"]["how"], "raw_ms": {s: [round(1e3 * t, 2) for t in v] for s, v in times.items()},
     }
 
 
 def print_table(results: list[dict]) -> None:
     print(f"\n{'model':<8} | {'batch':>9} | {'step ms peftkit':>15} | {'step ms HF':>10} | {'time ratio':>10} | "
-          f"{'paired':>6} | {'peak MiB peftkit':>16} | {'peak MiB HF':>11} | {'mem ratio':>9}")
-    print("-" * 119)
+          f"{'paired':>6} | {'peak MiB peftkit':>16} | {'peak MiB HF':>11} | {'mem ratio':>9} | {'process peak ratio':>18}")
+    print("-" * 140)
     for r in results:
         ms, mem = r["median_ms"], r["peak_growth_mib"]
         shape = f"{r['batch']} x {r['seq']}"
         print(f"{r['model']:<8} | {shape:>9} | {ms['peftkit']:>15.1f} | {ms['hf-peft']:>10.1f} | "
               f"{r['time_ratio']:>10.3f} | {r['paired_time_ratio']:>6.3f} | {mem['peftkit']:>16.1f} | "
-              f"{mem['hf-peft']:>11.1f} | {r['memory_ratio']:>9.3f}")
+              f"{mem['hf-peft']:>11.1f} | {r['memory_ratio']:>9.3f} | {r['process_peak_ratio']:>18.3f}")
     print("ratios = peftkit / HF PEFT (< 1: peftkit is better); time: of the medians, 'paired': median of "
           "per-round ratios;\npeak MiB: growth of the peak over the memory after load + inject + optimizer, "
-          "each side in its own process")
+          "each side in its own process;\nprocess peak ratio: the whole process's peak resident memory (weights, runtime "
+          "and all), peftkit / HF PEFT")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -274,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     p.add_argument("--quick", action="store_true", help="tiny model only, batch 4, 3 steps, 1 warm-up, 1 memory step")
+    p.add_argument("--same-allocator", action="store_true",
+                   help="give HF PEFT's process peftkit's CPU allocator setting too (a sensitivity check)")
     p.add_argument("--_memory-side", dest="side", choices=SIDES, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:

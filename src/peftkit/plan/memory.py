@@ -90,7 +90,8 @@ class Settings:
 
 @dataclass
 class Estimate:
-    """Bytes per term at the peak of one process (one GPU), plus the counts behind them."""
+    """Bytes per term at the peak of one process (one GPU), plus the counts behind them. Terms are what is
+    alive at that moment: for full fine-tuning, gradients and activations peak at different times."""
 
     shape: ModelShape
     settings: Settings
@@ -207,6 +208,14 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         biggest = max(a * b for a, b in shape.linears().values())
         dequant = biggest * (4 + (act if act < 4 else 0))
     temporary = max(_head_temporary(shape, s, tokens), layer_grads + dequant)
+    if s.method == "full":
+        # Backward writes the gradients as it frees the activations, output head first. The peak is either
+        # early (all activations, the head's gradient) or late (all gradients, little else).
+        head_grad = shape.vocab_size * shape.hidden_size * tbytes / (s.num_gpus if s.num_gpus > 1 else 1)
+        if saved + temporary + head_grad >= grads + layer_grads:
+            grads = head_grad
+        else:
+            saved, temporary = 0.0, layer_grads
 
     gib_parts["weights"] = weights
     gib_parts["quantization statistics"] = stats
