@@ -3,7 +3,7 @@
 For each model (a random 2-layer Llama with a 32,000-token vocabulary, so the output head's cost shows,
 and the real SmolLM2-135M-Instruct) both sides train the same base (deep copies) with the same adapter,
 LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), and AdamW (lr 1e-4) on the trainable
-parameters:
+parameters (peftkit's side builds it as `peftkit train` does: fused, where torch has a fused kernel):
     peftkit   peftkit.inject; loss = sum_token_loss(model, ids, mask, labels, chunk=1024) / its token count
               (the head runs only on answer tokens, in chunks, under activation checkpointing)
     hf-peft   peft.get_peft_model; loss = model(input_ids, attention_mask, labels).loss (full logits)
@@ -50,6 +50,7 @@ import transformers  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftkit  # noqa: E402
+from peftkit.train.loop import make_optimizer  # noqa: E402
 from peftkit.train.loss import sum_token_loss  # noqa: E402
 
 SIDES = ("peftkit", "hf-peft")
@@ -85,9 +86,14 @@ def make_batch(vocab: int, batch: int, seq: int, device: torch.device) -> dict[s
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+GRADIENT_CHECKPOINTING = False  # --gradient-checkpointing: both sides recompute each block in backward
+
+
 def build(side: str, base: nn.Module) -> nn.Module:
     """`base` (consumed) with a fresh LoRA adapter, B = 0, in training mode."""
     torch.manual_seed(1)
+    if GRADIENT_CHECKPOINTING:  # transformers' own, non-reentrant, on both sides
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if side == "peftkit":
         model = peftkit.inject(base, peftkit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     else:
@@ -106,7 +112,11 @@ def loss_fn(side: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
 
 
 def stepper(side: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if side == "peftkit":  # the optimizer `peftkit train` builds (fused AdamW where torch has it)
+        opt = make_optimizer(params, lr=1e-4, weight_decay=0.01)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> None:
         loss_fn(side, model, batch).backward()
@@ -197,7 +207,8 @@ def child_memory(name: str, batch: int, seq: int, args: argparse.Namespace) -> d
     for side in SIDES:
         cmd = [sys.executable, os.path.abspath(__file__), "--_memory-side", side, "--models", name,
                "--batch", str(batch), "--seq", str(seq), "--device", args.device, "--threads", str(args.threads),
-               "--mem-steps", str(args.mem_steps)] + (["--same-allocator"] if args.same_allocator else [])
+               "--mem-steps", str(args.mem_steps)] + (["--same-allocator"] if args.same_allocator else []) + (
+                   ["--gradient-checkpointing"] if args.gradient_checkpointing else [])
         procs[side] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if args.device != "cpu":
             outs[side] = procs[side].communicate()
@@ -285,10 +296,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     p.add_argument("--quick", action="store_true", help="tiny model only, batch 4, 3 steps, 1 warm-up, 1 memory step")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="both sides recompute each decoder block in backward (transformers' checkpointing)")
     p.add_argument("--same-allocator", action="store_true",
                    help="give HF PEFT's process peftkit's CPU allocator setting too (a sensitivity check)")
     p.add_argument("--_memory-side", dest="side", choices=SIDES, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    global GRADIENT_CHECKPOINTING
+    GRADIENT_CHECKPOINTING = args.gradient_checkpointing
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -79,3 +79,45 @@ def test_task_fields_follow_the_text():
         text = t.text.lower()
         assert any(s.lower() in text for s in task.PRODUCTS[r["product"]])
         assert (r["priority"] == "high") == any(u.lower() in text for u in task.URGENT)
+
+
+def _reference_and_chunked_grads(model, chunk: int = 5):
+    ids = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[mask == 0] = -100
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    total, n = sum_token_loss(model, ids, mask, labels, chunk=chunk)
+    (total / n).backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return ref, total / n, want, got
+
+
+def test_full_fine_tuning_gets_the_heads_and_tied_embeddings_gradients_right():
+    model = _llama()  # tied embeddings: the head's gradient and the embedding's add up
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ref, loss, want, got = _reference_and_chunked_grads(model)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    assert set(got) == set(want) and all(g is not None for g in got.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_soft_capped_head_gets_the_right_gradients():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           final_logit_softcapping=3.0, attn_implementation="eager"))
+    peftkit.inject(model, peftkit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ref, loss, want, got = _reference_and_chunked_grads(model)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import dora
+from . import dora, lora_fused
 
 
 @runtime_checkable
@@ -329,6 +329,13 @@ class LoraLayer(nn.Module):
         return torch.addmm(out2d, h2d, B.T, alpha=self.scaling[name]).view(out.shape)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if (len(self.pending) == 1 and not self.disabled and self.row_adapters is None and not args and not kwargs
+                and self.pending[0] not in self.lora_magnitude_vector and self.peftkit_kind == "linear"):
+            name = self.pending[0]
+            A = self.lora_A[name]
+            if lora_fused.fusable(self.base, x, A, self.dropout[name], self.training):
+                return lora_fused.LoraLinearFunction.apply(x, self.base.weight, self.base.bias, A, self.lora_B[name],
+                                                           self.scaling[name])
         out = self.base(x, *args, **kwargs)
         if self.disabled:
             return out

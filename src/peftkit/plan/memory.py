@@ -3,8 +3,8 @@
 Counted from what the code keeps, not fitted: weights (NF4 codes and statistics for QLoRA), gradients and
 optimizer states of the trainable parameters, the activations autograd saves for backward (per layer and
 token, as transformers' Llama-family blocks with SDPA attention and peftkit's adapters save them), the
-largest temporary of the backward pass (the output head's logits chunk, a layer's gradients, a
-dequantized 4-bit weight), and the runtime itself (CUDA context, or Python + torch on a CPU).
+largest temporary of a step (one chunk of the output head's logits, a layer's gradients, a dequantized
+4-bit weight), and the runtime itself (CUDA context, or Python + torch on a CPU).
 Assumptions worth knowing: SDPA attention (no T x T scores kept), the loss head run only on the tokens
 that carry a label, `loss_chunk` rows at a time (peftkit's loss; a plain `model(labels=...)` holds the
 logits of every position), Adam moments in fp32, and no allocator fragmentation.
@@ -176,10 +176,11 @@ def _layer_activations(shape: ModelShape, s: Settings) -> float:
 
 
 def _head_temporary(shape: ModelShape, s: Settings, tokens: int) -> float:
-    """The backward of one loss chunk: logits, log-softmax, and their gradients, (rows, V) each in fp32."""
+    """One loss chunk: its fp32 logits (turned into their gradient in place) and the log-sum-exp work
+    buffer, (rows, V) each, plus the 16-bit head output and gradient cast when computing in 16 bits."""
     rows = min(s.loss_chunk, max(1, round(tokens * s.answer_fraction)))
     act = DTYPES[s.dtype]
-    return rows * shape.vocab_size * (4 * 4 + (2 * act if act < 4 else 0))
+    return rows * shape.vocab_size * (2 * 4 + (2 * act if act < 4 else 0))
 
 
 def estimate(shape: ModelShape, s: Settings) -> Estimate:

@@ -3,9 +3,10 @@
 A plain `model(input_ids, labels=...)` builds the logits of every position of the batch, (B, T, V):
 for SmolLM2 (V = 49,152) a batch of 8 x 512 tokens is 800 MB of fp32 logits, and as much again for
 their gradient. Here the decoder's hidden states are computed once, the positions that carry a label
-are gathered (N, d), and the head + cross-entropy run on `chunk` rows at a time under activation
-checkpointing, so at most one chunk's logits exist at any moment, in forward and in backward. The head
-also does no work for prompt tokens, which is most of the tokens in instruction data.
+are gathered (N, d), and the head + cross-entropy run on `chunk` rows at a time, each chunk's gradient
+worked out during the forward pass (`_FusedHeadLoss`), so at most one chunk's logits exist at any moment
+and none is computed twice. The head also does no work for prompt tokens, which is most of the tokens in
+instruction data.
 """
 
 from __future__ import annotations
@@ -51,6 +52,52 @@ def _chunk_loss(head: nn.Module, softcap: float | None, hidden: Tensor, targets:
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class _FusedHeadLoss(torch.autograd.Function):
+    """Sum of cross-entropy of `head(hidden)` against `targets`, with the gradients worked out chunk by chunk
+    during the forward pass (softmax minus one-hot, times the head's weight) and kept: backward only scales
+    them. No chunk is ever recomputed, and at most one chunk's logits exist at a time. For a plain
+    nn.Linear head; its weight's (and bias's) gradient is built only when they train (full fine-tuning)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, head: nn.Module,
+                softcap: float | None, chunk: int) -> Tensor:
+        grad_hidden = torch.empty_like(hidden)  # (N, d)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = head(h).float()  # (n, V)
+            tanh = None
+            if softcap:
+                tanh = torch.tanh(logits / softcap)
+                logits = tanh * softcap
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, written over the logits
+            grad[torch.arange(len(y), device=y.device), y] -= 1.0
+            if tanh is not None:  # d/dz of tanh(z / c) * c = 1 - tanh(z / c)^2
+                grad.mul_(1.0 - tanh.square_())
+            g = grad.to(weight.dtype)  # (n, V)
+            torch.mm(g, weight, out=grad_hidden[start:start + chunk])  # (n, d)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.T, h.float())
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden)
+        ctx.param_grads = (grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        (grad_weight, grad_bias), (weight_dtype, bias_dtype) = ctx.param_grads, ctx.dtypes
+        return (grad_hidden * grad_total.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype),
+                None if grad_bias is None else (grad_bias * grad_total).to(bias_dtype), None, None, None, None)
+
+
 def sum_token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                    chunk: int = 1024) -> tuple[Tensor, int]:
     """(sum of next-token cross-entropy over labelled positions, number of those positions).
@@ -80,6 +127,8 @@ def sum_token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     picked = hidden[:, :-1][mask]  # (N, d): only positions whose next token is an answer token
     wanted = targets[mask]  # (N,)
     total = picked.new_zeros((), dtype=torch.float32)
+    if torch.is_grad_enabled() and picked.requires_grad and type(head) is nn.Linear:
+        return _FusedHeadLoss.apply(picked, head.weight, head.bias, wanted, head, softcap, chunk), n_tokens
     for start in range(0, picked.shape[0], chunk):
         h, y = picked[start:start + chunk], wanted[start:start + chunk]
         if torch.is_grad_enabled() and h.requires_grad:

@@ -1,0 +1,71 @@
+"""The fused LoRA training node computes what the plain per-operation path computes."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_llama
+from torch import nn
+
+import peftkit
+from peftkit.methods import lora_fused
+
+
+FUSABLE = lora_fused.fusable
+
+
+def _grads(model, x, fused: bool, monkeypatch):
+    monkeypatch.setattr(lora_fused, "fusable", FUSABLE if fused else (lambda *a: False))
+    model.zero_grad()
+    x = x.clone().requires_grad_(x.is_floating_point())
+    out = model(x)
+    out = out.logits if hasattr(out, "logits") else out
+    (out.square().mean()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads, (x.grad.clone() if x.grad is not None else None)
+
+
+def test_fused_llama_training_equals_the_plain_path(monkeypatch):
+    model = tiny_llama().train()
+    torch.manual_seed(3)
+    peftkit.inject(model, peftkit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    calls = []
+    real = lora_fused.LoraLinearFunction.apply
+    monkeypatch.setattr(lora_fused.LoraLinearFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    out_f, grads_f, _ = _grads(model, ids, True, monkeypatch)
+    assert len(calls) == 14  # every adapted linear of the two blocks took the fused node
+    out_p, grads_p, _ = _grads(model, ids, False, monkeypatch)
+    torch.testing.assert_close(out_f, out_p, atol=1e-6, rtol=1e-5)
+    assert set(grads_f) == set(grads_p) and len(grads_f) == 28
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fused_node_handles_bias_and_a_trainable_base(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5, bias=True))
+    peftkit.inject(model, peftkit.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    model[0].base.weight.requires_grad_(True)
+    model[0].base.bias.requires_grad_(True)
+    x = torch.randn(3, 4, 6)
+    out_f, grads_f, gx_f = _grads(model, x, True, monkeypatch)
+    out_p, grads_p, gx_p = _grads(model, x, False, monkeypatch)
+    torch.testing.assert_close(out_f, out_p)
+    torch.testing.assert_close(gx_f, gx_p)
+    assert len(grads_f) == 4
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], msg=name)
+
+
+def test_dropout_hooks_and_inference_keep_the_plain_path():
+    base = nn.Linear(4, 4)
+    A = nn.Parameter(torch.zeros(2, 4))
+    x = torch.zeros(1, 4)
+    assert lora_fused.fusable(base, x, A, 0.0, True)
+    assert not lora_fused.fusable(base, x, A, 0.1, True)  # dropout active
+    assert lora_fused.fusable(base, x, A, 0.1, False)  # eval mode: dropout is off
+    with torch.no_grad():
+        assert not lora_fused.fusable(base, x, A, 0.0, True)
+    base.register_forward_hook(lambda *a: None)
+    assert not lora_fused.fusable(base, x, A, 0.0, True)  # a hook (FSDP's, a user's) must still run
+    assert not lora_fused.fusable(nn.Linear(4, 4).double(), x.double(), A, 0.0, True)  # mixed dtypes
