@@ -205,3 +205,8 @@ def test_full_fine_tuning_trains_every_weight_and_saves_a_loadable_model(tiny_mo
     changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert len(changed) == len(base.state_dict())  # every tensor moved
     assert torch.equal(tuned.get_input_embeddings().weight, final_params(out)["model.embed_tokens.weight"])
+
+
+def test_full_fine_tuning_refuses_fsdp_with_a_reason():
+    with pytest.raises(ValueError, match="--method full with --fsdp is not supported"):
+        opts.build({"method": "full", "fsdp": True})

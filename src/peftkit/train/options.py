@@ -167,6 +167,9 @@ def validate(o: TrainOptions) -> None:
     problems = []
     if o.method not in AVAILABLE_METHODS:
         problems.append(f"method {o.method!r} is unknown (available: {', '.join(AVAILABLE_METHODS)})")
+    if o.method == "full" and o.fsdp:
+        problems.append("--method full with --fsdp is not supported yet (the saved model would need its shards "
+                        "gathered); use --nproc N without --fsdp, or an adapter method with --fsdp")
     if o.method == "prefix" and o.gradient_checkpointing:
         problems.append("prefix tuning cannot use --gradient-checkpointing (transformers drops the prefix's cache "
                         "under it); leave it off")
