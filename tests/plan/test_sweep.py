@@ -57,7 +57,7 @@ def test_cli_flags_build_settings_and_trial_options(tmp_path):
     assert (base.lr, base.batch_size, base.eval_examples) == (0.01, 2, 20)  # the sweep scores 20 tickets
     lora = sweep.trial_options(base, Candidate("lora", 8), 5, tmp_path / "t")
     assert (lora.r, lora.max_steps, lora.target_modules) == (8, 5, "q_proj,v_proj")
-    assert lora.output_dir == str(tmp_path / "t")
+    assert lora.output_dir == str(tmp_path / "t") and not lora.score_base  # the base scores the same every time
     assert sweep.trial_options(base, Candidate("bottleneck"), 5, tmp_path).target_modules == "all-linear"
     for argv, message in ((["--steps", "0"], "steps"), (["--budget", "soon"], "budget"),
                           (["--methods", "lora,magic"], "magic"), (["--max-step-time", "-1"], "max-step-time"),

@@ -210,3 +210,15 @@ def test_full_fine_tuning_trains_every_weight_and_saves_a_loadable_model(tiny_mo
 def test_full_fine_tuning_refuses_fsdp_with_a_reason():
     with pytest.raises(ValueError, match="--method full with --fsdp is not supported"):
         opts.build({"method": "full", "fsdp": True})
+
+
+def test_summary_shows_exact_match_with_or_without_the_base_score():
+    from peftkit.train import report
+
+    s = {"output_dir": "runs/x", "exact_match_before": None, "exact_match_after": 0.97, "eval_examples": 20,
+         "val_loss": 0.1, "steps": 3, "train_seconds": 9.0, "tokens_per_second": 50.0, "total_seconds": 12.0,
+         "trainable_params": 10, "total_params": 100, "trainable_share": 0.1, "adapter_dir": "runs/x/adapter",
+         "adapter_bytes": 2**20, "peak_memory_mb": 900.0, "memory_kind": "resident set size"}
+    assert "(held-out, 20 tickets): 97% after" in report.format_summary(s)
+    assert "0% before -> 97% after" in report.format_summary(s | {"exact_match_before": 0.0})
+    assert opts.build({}).score_base and not opts.build({"score_base": False}).score_base

@@ -188,10 +188,11 @@ Runner = Callable[[Candidate, opts.TrainOptions, float], dict]
 
 def trial_options(base: opts.TrainOptions, c: Candidate, steps: int, out: Path) -> opts.TrainOptions:
     """The base options for candidate `c`: its own output directory, no intermediate checkpoints, a warm-up
-    that suits a short run, and --target-modules only where it means LoRA targets."""
+    that suits a short run, --target-modules only where it means LoRA targets, and no scoring of the base
+    model (the same for every trial)."""
     return base.replace(method=c.method, r=c.r or base.r, max_steps=steps, output_dir=str(out),
                         warmup_steps=min(base.warmup_steps, steps // 4), save_every=0, keep_checkpoints=1,
-                        eval_every=0, progress=False, overwrite=True, resume=None, nproc=1,
+                        eval_every=0, progress=False, overwrite=True, resume=None, nproc=1, score_base=False,
                         target_modules=base.target_modules if c.method in RANKED_METHODS else "all-linear")
 
 

@@ -223,7 +223,7 @@ def train(o: TrainOptions) -> dict:
               f"{global_batch} on {dist.world_size} process(es), {dist.device}", flush=True)
         print(f"peftkit train: trainable {trained:,} of {total:,} parameters ({100 * trained / total:.3f}%)",
               flush=True)
-    if tickets is not None and before is None and (main or (o.fsdp and dist.enabled)):
+    if tickets is not None and o.score_base and before is None and (main or (o.fsdp and dist.enabled)):
         with adapter_api.disable_adapters(model):
             before = exact_match(model, tokenizer, tickets, o.progress and main, "base model")
         if main:

@@ -71,6 +71,8 @@ class TrainOptions:
     train_examples: int | None = _opt(None, "built-in task only: training tickets to generate "
                                       "(default: batch size x steps)")
     eval_examples: int = _opt(100, "built-in task only: held-out tickets scored by exact match (at most 1000)")
+    score_base: bool = _opt(True, "built-in task only: also score the base model before training (the "
+                            "'before' figure; sweeps skip it, it is the same for every trial)")
     # evaluation, checkpoints, output
     eval_every: int = _opt(0, "validation loss every N steps (0: only at the end)")
     save_every: int = _opt(100, "checkpoint every N steps (0: no intermediate checkpoints)")

@@ -119,9 +119,11 @@ def dir_bytes(path: Path) -> int:
 def format_summary(s: dict) -> str:
     """The table printed at the end of `peftkit train`."""
     lines = ["", f"run: {s['output_dir']}"]
-    if s.get("exact_match_before") is not None:
+    if s.get("exact_match_after") is not None:
+        before = s.get("exact_match_before")
         lines.append(f"  exact match (held-out, {s['eval_examples']} tickets): "
-                     f"{100 * s['exact_match_before']:.0f}% before -> {100 * s['exact_match_after']:.0f}% after")
+                     + (f"{100 * before:.0f}% before -> " if before is not None else "")
+                     + f"{100 * s['exact_match_after']:.0f}% after")
     if s.get("val_loss") is not None:
         lines.append(f"  validation loss: {s['val_loss']:.4f}")
     lines += [
