@@ -17,7 +17,8 @@ growth of the peak over the memory after load + inject + optimizer (weights page
 VmHWM after resetting it through /proc/self/clear_refs (ru_maxrss if that is not permitted), on CUDA
 torch.cuda.max_memory_allocated; the whole process's peak too. peftkit's process sets glibc's mmap
 threshold as `peftkit train` does on a CPU (src/peftkit/train/allocator.py); --same-allocator gives HF
-PEFT's process the same setting, to see how much of the memory ratio that is. Threads default to 1: two threads on the 2-core shared VMs are noisy.
+PEFT's process the same setting, to see how much of the memory ratio that is. Threads default to 1:
+two threads on the 2-core shared VMs are noisy.
 
 Run:  python bench/train.py [--models tiny,smollm2] [--batch B] [--smollm2-batch 4] [--seq 256] [--steps N]
                             [--warmup N] [--device cpu|cuda] [--threads 1] [--json out.json] [--quick]
@@ -268,7 +269,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
 
 def print_table(results: list[dict]) -> None:
     print(f"\n{'model':<8} | {'batch':>9} | {'step ms peftkit':>15} | {'step ms HF':>10} | {'time ratio':>10} | "
-          f"{'paired':>6} | {'peak MiB peftkit':>16} | {'peak MiB HF':>11} | {'mem ratio':>9} | {'process peak ratio':>18}")
+          f"{'paired':>6} | {'peak MiB peftkit':>16} | {'peak MiB HF':>11} | {'mem ratio':>9} | "
+          f"{'process peak ratio':>18}")
     print("-" * 140)
     for r in results:
         ms, mem = r["median_ms"], r["peak_growth_mib"]
@@ -278,8 +280,8 @@ def print_table(results: list[dict]) -> None:
               f"{mem['hf-peft']:>11.1f} | {r['memory_ratio']:>9.3f} | {r['process_peak_ratio']:>18.3f}")
     print("ratios = peftkit / HF PEFT (< 1: peftkit is better); time: of the medians, 'paired': median of "
           "per-round ratios;\npeak MiB: growth of the peak over the memory after load + inject + optimizer, "
-          "each side in its own process;\nprocess peak ratio: the whole process's peak resident memory (weights, runtime "
-          "and all), peftkit / HF PEFT")
+          "each side in its own process;\nprocess peak ratio: the whole process's peak resident memory "
+          "(weights, runtime and all), peftkit / HF PEFT")
 
 
 def main(argv: list[str] | None = None) -> None:

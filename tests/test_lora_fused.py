@@ -9,7 +9,6 @@ from torch import nn
 import peftkit
 from peftkit.methods import lora_fused
 
-
 FUSABLE = lora_fused.fusable
 
 

@@ -4,6 +4,7 @@ peftkit really injects), the published reference points, the GPU table and the C
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -115,12 +116,12 @@ def test_the_terms_move_the_way_they_should():
     shape = presets.resolve("llama-2-7b")
     base = memory.Settings(method="lora", batch_size=4, seq_len=1024)
     plain = memory.estimate(shape, base)
-    assert memory.estimate(shape, memory.with_changes(base, gradient_checkpointing=True)).parts["activations"] < \
+    assert memory.estimate(shape, replace(base, gradient_checkpointing=True)).parts["activations"] < \
         plain.parts["activations"] / 5
-    assert memory.estimate(shape, memory.with_changes(base, r=64)).trainable_params == 4 * plain.trainable_params
-    assert memory.estimate(shape, memory.with_changes(base, method="qlora")).parts["weights"] < \
+    assert memory.estimate(shape, replace(base, r=64)).trainable_params == 4 * plain.trainable_params
+    assert memory.estimate(shape, replace(base, method="qlora")).parts["weights"] < \
         plain.parts["weights"] / 3
-    assert memory.estimate(shape, memory.with_changes(base, optimizer="adamw8bit")).parts["optimizer states"] == \
+    assert memory.estimate(shape, replace(base, optimizer="adamw8bit")).parts["optimizer states"] == \
         plain.parts["optimizer states"] / 4
 
 

@@ -32,14 +32,13 @@ def _size(n: float) -> str:
 
 def render(est: memory.Estimate) -> str:
     s, shape = est.settings, est.shape
+    adapter = f" r={s.r} on {', '.join(s.target_names(shape))}" if s.method in ("lora", "dora", "qlora") else ""
+    sharded = " (states sharded)" if s.num_gpus > 1 and s.method == "full" else ""
     lines = [f"{shape.name}: {shape.total_params() / 1e9:.3f}B parameters, {shape.num_layers} layers, hidden "
              f"{shape.hidden_size}, MLP {shape.intermediate_size}, {shape.num_heads} heads "
              f"({shape.num_kv_heads} key/value), vocabulary {shape.vocab_size}",
-             f"setup: {s.method}" + (f" r={s.r} on {', '.join(s.target_names(shape))}"
-                                      if s.method in ("lora", "dora", "qlora") else "")
-             + f"; batch {s.batch_size} x {s.seq_len} tokens; {s.dtype}; {s.optimizer}; gradient checkpointing "
-             f"{'on' if s.gradient_checkpointing else 'off'}; {s.num_gpus} GPU(s)" + (" (states sharded)"
-                                                                                    if s.num_gpus > 1 and s.method == "full" else ""),
+             f"setup: {s.method}{adapter}; batch {s.batch_size} x {s.seq_len} tokens; {s.dtype}; {s.optimizer}; "
+             f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}; {s.num_gpus} GPU(s){sharded}",
              "", "memory per process at its peak:"]
     for name, value in est.parts.items():
         if value:

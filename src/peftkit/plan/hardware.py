@@ -87,14 +87,14 @@ def recommend(est: Estimate) -> str:
     return " ".join(lines)
 
 
-def _sharded(est: Estimate) -> str:
+def _sharded(est: Estimate, lead: str = "With states sharded (FSDP / ZeRO-3) it also runs on") -> str:
     """The cheapest (least total memory) way to shard full fine-tuning over GPUs of one kind."""
     counts = {g.name: gpus_needed(est.shape, replace(est.settings, num_gpus=1), g) for g in GPUS}
     options = [(n * g.memory_gib, n, g.name) for g in GPUS if (n := counts[g.name]) and n > 1]
     if not options:
         return ""
     _, n, name = min(options)
-    return f"With states sharded (FSDP / ZeRO-3) it also runs on {n} x {name}."
+    return f"{lead} {n} x {name}."
 
 
 def _a(name: str) -> str:
@@ -122,7 +122,7 @@ def _alternatives(est: Estimate) -> list[str]:
         if card:
             out.append(f"QLoRA r={s.r} with gradient checkpointing needs {q.total / GIB:.1f} GiB and fits {_a(card)}.")
     if s.method == "full":
-        out.append(_sharded(est).replace("it also runs on", "full fine-tuning runs on"))
+        out.append(_sharded(est, "With states sharded (FSDP / ZeRO-3) full fine-tuning runs on"))
     if s.batch_size > 1:
         out.append(f"A micro-batch of 1 with {s.batch_size} gradient-accumulation steps lowers the activations.")
     return out

@@ -12,7 +12,7 @@ logits of every position), Adam moments in fp32, and no allocator fragmentation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from .presets import ModelShape
 
@@ -69,7 +69,8 @@ class Settings:
             if unknown or not self.target_names(shape):
                 problems.append(f"targets {unknown or list(self.targets)} are not linear layers of {shape.name} "
                                 f"(its layers: {', '.join(shape.linears())}; or 'all-linear', 'attention')")
-            too_big = [n for n, (i, o) in shape.linears().items() if n in self.target_names(shape) and self.r > min(i, o)]
+            chosen = self.target_names(shape)
+            too_big = [n for n, (i, o) in shape.linears().items() if n in chosen and self.r > min(i, o)]
             if too_big:
                 problems.append(f"rank {self.r} is larger than the layers {', '.join(too_big)} "
                                 f"(smallest side {min(min(shape.linears()[n]) for n in too_big)}): a rank above it "
@@ -109,9 +110,9 @@ class Estimate:
         return self.trainable_params / max(self.total_params, 1)
 
     def to_dict(self) -> dict:
-        gib = 2**30
-        return {"model": self.shape.name, "settings": self.settings.__dict__ | {"targets": list(
-                    self.settings.target_names(self.shape)) if self.settings.method in ("lora", "dora", "qlora") else None},
+        gib, s = 2**30, self.settings
+        targets = list(s.target_names(self.shape)) if s.method in ("lora", "dora", "qlora") else None
+        return {"model": self.shape.name, "settings": s.__dict__ | {"targets": targets},
                 "parts_gib": {k: round(v / gib, 4) for k, v in self.parts.items()},
                 "total_gib": round(self.total / gib, 4), "trainable_params": self.trainable_params,
                 "total_params": self.total_params, "trainable_share": self.trainable_share,
@@ -185,7 +186,7 @@ def _head_temporary(shape: ModelShape, s: Settings, tokens: int) -> float:
 
 def estimate(shape: ModelShape, s: Settings) -> Estimate:
     s.check(shape)
-    gib_parts: dict[str, float] = {}
+    parts: dict[str, float] = {}
     weights, stats = _weights(shape, s)
     trainable = adapter_params(shape, s)
     tbytes = DTYPES[s.dtype] if s.method == "full" else DTYPES[s.adapter_dtype]
@@ -218,17 +219,13 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         else:
             saved, temporary = 0.0, layer_grads
 
-    gib_parts["weights"] = weights
-    gib_parts["quantization statistics"] = stats
-    gib_parts["gradients"] = grads
-    gib_parts["optimizer states"] = optim
-    gib_parts["activations"] = saved
-    gib_parts["temporary buffers"] = temporary
-    gib_parts["runtime"] = RUNTIME_BYTES[s.device]
+    parts["weights"] = weights
+    parts["quantization statistics"] = stats
+    parts["gradients"] = grads
+    parts["optimizer states"] = optim
+    parts["activations"] = saved
+    parts["temporary buffers"] = temporary
+    parts["runtime"] = RUNTIME_BYTES[s.device]
     output = shape.total_params() * act if s.method == "full" else trainable * DTYPES[s.adapter_dtype] + 1024
-    return Estimate(shape, s, gib_parts, trainable, shape.total_params() + (0 if s.method == "full" else trainable),
+    return Estimate(shape, s, parts, trainable, shape.total_params() + (0 if s.method == "full" else trainable),
                     output)
-
-
-def with_changes(s: Settings, **changes) -> Settings:
-    return replace(s, **changes)

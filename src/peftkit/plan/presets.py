@@ -132,7 +132,8 @@ def from_config(config: dict, name: str = "model") -> ModelShape:
         raise ValueError(f"config of {name} lacks the fields the planner needs: {'; '.join(missing)}")
     h = values["hidden_size"]
     gpt2 = "n_embd" in config and "hidden_size" not in config
-    inner = config.get("intermediate_size") or config.get("n_inner") or config.get("ffn_dim") or (4 * h if gpt2 else None)
+    inner = (config.get("intermediate_size") or config.get("n_inner") or config.get("ffn_dim")
+             or (4 * h if gpt2 else None))
     if not isinstance(inner, int):
         raise ValueError(f"config of {name} lacks the fields the planner needs: intermediate_size")
     heads = values["num_heads"]

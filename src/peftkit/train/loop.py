@@ -21,11 +21,10 @@ from .. import adapters as adapter_api
 from ..checkpoint import adapter_state_dict, save_adapter
 from ..config import LoraConfig
 from ..inject import inject
-from . import allocator
+from . import allocator, report, task
 from . import checkpoints as ckpt
 from . import data as data_mod
 from . import distributed as dist_mod
-from . import report, task
 from .loss import sum_token_loss
 from .options import TrainOptions
 
@@ -327,7 +326,10 @@ def _save(out: Path, step: int, model, named, optimizer, scheduler, before, o: T
     """A checkpoint: trainable params by name, optimizer, schedule, RNG, and a PEFT-format adapter copy."""
     params = {n: _full(p).detach() for n, p in named}
     if o.fsdp and dist.enabled:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         opt_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                          cpu_offload=True))
@@ -336,7 +338,8 @@ def _save(out: Path, step: int, model, named, optimizer, scheduler, before, o: T
     if dist.is_main:
         state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(), "rng": ckpt.capture_rng(),
                  "exact_match_before": before, "world_size": dist.world_size}
-        extra = None if (o.fsdp and dist.enabled or o.method == "full") else {"adapter": lambda p: save_adapter(model, p)}
+        no_adapter_copy = (o.fsdp and dist.enabled) or o.method == "full"
+        extra = None if no_adapter_copy else {"adapter": lambda p: save_adapter(model, p)}
         ckpt.save_checkpoint(out, step, params=params, trainer_state=state, extra_dirs=extra,
                              keep_last=o.keep_checkpoints)
     dist_mod.barrier(dist)
@@ -368,7 +371,10 @@ def _restore(path: Path, model, named, optimizer, scheduler, o: TrainOptions) ->
             else:
                 p.copy_(src.to(p.device))
     if o.fsdp and hasattr(named[0][1], "full_tensor"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
 
         set_optimizer_state_dict(model, optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
