@@ -68,3 +68,61 @@ def test_dropout_hooks_and_inference_keep_the_plain_path():
     base.register_forward_hook(lambda *a: None)
     assert not lora_fused.fusable(base, x, A, 0.0, True)  # a hook (FSDP's, a user's) must still run
     assert not lora_fused.fusable(nn.Linear(4, 4).double(), x.double(), A, 0.0, True)  # mixed dtypes
+
+
+def _padded_batch(vocab: int = 128):
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, vocab, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # right padding
+    mask[2, :5] = 0  # left padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # row 2's last padding position predicts its first real token, which has a label
+    return ids, mask, labels
+
+
+def test_padding_free_rows_give_the_same_loss_and_gradients():
+    """Inside real_rows the fused nodes skip padding positions: same loss, same gradients, fewer rows."""
+    from peftkit.train.loss import sum_token_loss
+
+    model = tiny_llama().train()
+    torch.manual_seed(3)
+    peftkit.inject(model, peftkit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    ids, mask, labels = _padded_batch()
+    results = []
+    for padding_free in (False, True):
+        model.zero_grad()
+        keep = mask.bool()
+        keep[:, :-1] |= labels[:, 1:] != -100  # what sum_token_loss keeps: the real positions and the predictors
+        ctx = lora_fused.real_rows(keep if padding_free else None)
+        with ctx:
+            rows = lora_fused.rows_for(torch.zeros(3, 12, 1))
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        assert (rows is not None) == padding_free and (rows is None or len(rows.idx) == int(mask.sum()) + 1)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1][labels[:, 1:] != -100], labels[:, 1:][labels[:, 1:] != -100])
+        loss.backward()
+        real = logits[mask.bool()].detach()  # the padding positions' outputs differ (zeros), and reach no loss
+        results.append((loss.detach(), real, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_p, real_p, grads_p), (loss_f, real_f, grads_f) = results
+    torch.testing.assert_close(loss_f, loss_p, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(real_f, real_p, atol=1e-5, rtol=1e-5)
+    assert set(grads_f) == set(grads_p) and len(grads_p) == 28
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-6, rtol=1e-5, msg=name)
+    # sum_token_loss applies it by itself
+    model.zero_grad()
+    total, n = sum_token_loss(model, ids, mask, labels)
+    (total / n).backward()
+    for name in grads_p:
+        torch.testing.assert_close(model.get_parameter(name).grad, grads_p[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_real_rows_ignores_unpadded_batches_and_other_shapes():
+    with lora_fused.real_rows(torch.ones(2, 50, dtype=torch.long)):
+        assert lora_fused.rows_for(torch.zeros(2, 50, 4)) is None  # nothing to skip
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, 6:] = 0
+    with lora_fused.real_rows(mask):
+        assert lora_fused.rows_for(torch.zeros(2, 10, 4)).idx.tolist() == [*range(6), *range(10, 20)]
+        assert lora_fused.rows_for(torch.zeros(3, 10, 4)) is None  # an input of another shape
+    assert lora_fused.rows_for(torch.zeros(2, 10, 4)) is None  # only inside the block

@@ -335,7 +335,7 @@ class LoraLayer(nn.Module):
             A = self.lora_A[name]
             if lora_fused.fusable(self.base, x, A, self.dropout[name], self.training):
                 return lora_fused.LoraLinearFunction.apply(x, self.base.weight, self.base.bias, A, self.lora_B[name],
-                                                           self.scaling[name])
+                                                           self.scaling[name], lora_fused.rows_for(x))
         out = self.base(x, *args, **kwargs)
         if self.disabled:
             return out

@@ -11,10 +11,14 @@ instruction data.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from ..methods.lora_fused import real_rows
 
 IGNORE_INDEX = -100
 
@@ -98,6 +102,19 @@ class _FusedHeadLoss(torch.autograd.Function):
                 None if grad_bias is None else (grad_bias * grad_total).to(bias_dtype), None, None, None, None)
 
 
+def _padding_free(model: nn.Module, attention_mask: Tensor, mask: Tensor):
+    """The fused LoRA nodes skip the padding positions (exact: their gradients are zero), except those whose
+    next token carries a label (a left-padded row's last padding position can predict its first token), and
+    except under gradient checkpointing, whose recomputation in backward runs outside this block and must see
+    the same shapes as the first forward."""
+    if attention_mask is None or not torch.is_grad_enabled() or any(
+            getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return nullcontext()
+    keep = attention_mask != 0  # (B, T)
+    keep[:, :-1] |= mask
+    return real_rows(keep)
+
+
 def sum_token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                    chunk: int = 1024) -> tuple[Tensor, int]:
     """(sum of next-token cross-entropy over labelled positions, number of those positions).
@@ -123,7 +140,8 @@ def sum_token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
         return loss, n_tokens
     decoder, head, softcap = parts
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    with _padding_free(model, attention_mask, mask):
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     picked = hidden[:, :-1][mask]  # (N, d): only positions whose next token is an answer token
     wanted = targets[mask]  # (N,)
     total = picked.new_zeros((), dtype=torch.float32)
