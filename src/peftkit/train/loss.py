@@ -11,7 +11,8 @@ instruction data.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..methods.lora_fused import real_rows
+from ..methods.lora_mlp import fused_mlps
 
 IGNORE_INDEX = -100
 
@@ -102,17 +104,21 @@ class _FusedHeadLoss(torch.autograd.Function):
                 None if grad_bias is None else (grad_bias * grad_total).to(bias_dtype), None, None, None, None)
 
 
-def _padding_free(model: nn.Module, attention_mask: Tensor, mask: Tensor):
-    """The fused LoRA nodes skip the padding positions (exact: their gradients are zero), except those whose
-    next token carries a label (a left-padded row's last padding position can predict its first token), and
-    except under gradient checkpointing, whose recomputation in backward runs outside this block and must see
-    the same shapes as the first forward."""
-    if attention_mask is None or not torch.is_grad_enabled() or any(
-            getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-        return nullcontext()
-    keep = attention_mask != 0  # (B, T)
-    keep[:, :-1] |= mask
-    return real_rows(keep)
+@contextmanager
+def _training_kernels(model: nn.Module, attention_mask: Tensor | None, mask: Tensor) -> Iterator[None]:
+    """The decoder's forward with the fused training nodes: LoRA linears that skip the padding positions
+    (exact: their gradients are zero; kept are the real positions and those whose next token carries a label,
+    as a left-padded row's last padding position can) and fused LoRA SwiGLU MLPs. Neither under gradient
+    checkpointing, whose recomputation in backward runs outside this block and must see the same graph."""
+    if not torch.is_grad_enabled() or any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        yield
+        return
+    keep = None
+    if attention_mask is not None:
+        keep = attention_mask != 0  # (B, T)
+        keep[:, :-1] |= mask
+    with real_rows(keep), fused_mlps(model):
+        yield
 
 
 def sum_token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
@@ -140,7 +146,7 @@ def sum_token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
         return loss, n_tokens
     decoder, head, softcap = parts
-    with _padding_free(model, attention_mask, mask):
+    with _training_kernels(model, attention_mask, mask):
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     picked = hidden[:, :-1][mask]  # (N, d): only positions whose next token is an answer token
     wanted = targets[mask]  # (N,)

@@ -1,0 +1,127 @@
+"""One autograd node for a SwiGLU MLP whose three linear layers each carry one LoRA adapter, for training.
+
+    e = gate(x),  g = up(x),  y = down(silu(e) * g)          each of gate/up/down: W x + s * B(A x)
+
+Autograd through the module keeps, per layer, gate's output, silu's output, up's output and their product:
+four (N, intermediate) tensors, the largest activations of a Llama block. This node keeps e and g only and
+recomputes silu(e) * g in backward (as Unsloth's fused LoRA MLP does), plus x and the three thin (N, r)
+adapter activations. Inside `lora_fused.real_rows` it works on the kept positions only, like the fused
+linear node. Equal to the module's own computation within float rounding.
+
+`fused_mlps(model)` swaps the forward of every eligible MLP for the block's duration (the training loss
+uses it); a module is eligible when it is a known SwiGLU class with SiLU, and its three projections are
+LoRA layers over plain bias-free nn.Linear bases with exactly one active, fusable adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import lora_fused
+
+# classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
+SWIGLU_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP"})
+
+
+class LoraSwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, rows, wg: Tensor, ag: Tensor, bg: Tensor, wu: Tensor, au: Tensor, bu: Tensor,
+                wd: Tensor, ad: Tensor, bd: Tensor, scales: tuple[float, float, float]) -> Tensor:
+        sg, su, sd = scales
+        n = x.shape[:-1].numel()
+        x2 = rows.gather(x) if rows is not None else x.reshape(-1, x.shape[-1])  # (M, in)
+        hg, hu = x2 @ ag.T, x2 @ au.T  # (M, r) each
+        e = F.linear(x2, wg).addmm_(hg, bg.T, alpha=sg)  # (M, I)
+        g = F.linear(x2, wu).addmm_(hu, bu.T, alpha=su)  # (M, I)
+        h = F.silu(e).mul_(g)  # (M, I); freed after this forward, recomputed in backward
+        hd = h @ ad.T  # (M, r)
+        y = F.linear(h, wd).addmm_(hd, bd.T, alpha=sd)  # (M, out)
+        idx = rows.idx if rows is not None else None
+        ctx.save_for_backward(x2, e, g, hg, hu, hd, wg, ag, bg, wu, au, bu, wd, ad, bd, idx)
+        ctx.scales, ctx.in_shape, ctx.n = scales, x.shape, n
+        return lora_fused._scatter(y, idx, n).view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x2, e, g, hg, hu, hd, wg, ag, bg, wu, au, bu, wd, ad, bd, idx = ctx.saved_tensors
+        sg, su, sd = ctx.scales
+        need = ctx.needs_input_grad
+        dy = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        if idx is not None:
+            dy = dy.index_select(0, idx)  # (M, out)
+        sig = torch.sigmoid(e)  # (M, I)
+        silu = e * sig
+        h = silu * g  # (M, I)
+        dhd = torch.mm(dy, bd).mul_(sd)  # (M, r)
+        grad_ad = dhd.T @ h if need[9] else None  # (r, I)
+        grad_bd = torch.mm(dy.T, hd).mul_(sd) if need[10] else None  # (out, r)
+        dh = torch.mm(dy, wd).addmm_(dhd, ad)  # (M, I)
+        del h
+        dg = dh * silu  # (M, I)
+        de = dh.mul_(g).mul_(sig.mul_(e.mul(1.0 - sig).add_(1.0)))  # dh * g * silu'(e), written over dh
+        dhg = torch.mm(de, bg).mul_(sg)  # (M, r)
+        dhu = torch.mm(dg, bu).mul_(su)  # (M, r)
+        grad_x = None
+        if need[0]:
+            gx = torch.mm(de, wg).addmm_(dhg, ag).addmm_(dg, wu).addmm_(dhu, au)  # (M, in)
+            grad_x = lora_fused._scatter(gx, idx, ctx.n).view(ctx.in_shape)
+        grad_ag = dhg.T @ x2 if need[3] else None
+        grad_bg = torch.mm(de.T, hg).mul_(sg) if need[4] else None
+        grad_au = dhu.T @ x2 if need[6] else None
+        grad_bu = torch.mm(dg.T, hu).mul_(su) if need[7] else None
+        return (grad_x, None, None, grad_ag, grad_bg, None, grad_au, grad_bu, None, grad_ad, grad_bd, None)
+
+
+def _parts(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, float] | None:
+    """(W, A, B, scaling) of a LoRA layer that the fused node can run exactly, else None."""
+    from .lora import LoraLayer
+
+    if not isinstance(layer, LoraLayer) or layer.peftkit_kind != "linear" or layer.disabled:
+        return None
+    if layer.row_adapters is not None or len(layer.pending) != 1 or layer.lora_magnitude_vector:
+        return None
+    name = layer.pending[0]
+    base, A = layer.base, layer.lora_A[name]
+    if base.bias is not None or not lora_fused.fusable(base, x, A, layer.dropout[name], layer.training):
+        return None
+    if base.weight.requires_grad:  # a trainable base (full fine-tuning of it) takes the module's own path
+        return None
+    return base.weight, A, layer.lora_B[name], layer.scaling[name]
+
+
+def _eligible(mlp: nn.Module) -> bool:
+    act = getattr(mlp, "act_fn", None)
+    return (type(mlp).__name__ in SWIGLU_CLASSES and not mlp._forward_hooks and not mlp._forward_pre_hooks
+            and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"))
+
+
+def _fused_forward(mlp: nn.Module, original):
+    def forward(x: Tensor) -> Tensor:
+        parts = [_parts(getattr(mlp, n), x) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(p is None for p in parts) or parts[2][0].shape[1] != parts[0][0].shape[0]:
+            return original(x)
+        (wg, ag, bg, sg), (wu, au, bu, su), (wd, ad, bd, sd) = parts
+        return LoraSwiGLUFunction.apply(x, lora_fused.rows_for(x), wg, ag, bg, wu, au, bu, wd, ad, bd, (sg, su, sd))
+
+    return forward
+
+
+@contextmanager
+def fused_mlps(model: nn.Module) -> Iterator[int]:
+    """Within the block every eligible SwiGLU MLP of `model` runs as one LoraSwiGLUFunction node (when its
+    layers allow it at call time; otherwise its own forward). Yields how many MLPs were switched."""
+    switched = []
+    for module in model.modules():
+        if _eligible(module) and "forward" not in module.__dict__:
+            module.forward = _fused_forward(module, module.forward)
+            switched.append(module)
+    try:
+        yield len(switched)
+    finally:
+        for module in switched:
+            del module.forward
