@@ -12,6 +12,33 @@ bnbF = pytest.importorskip("bitsandbytes.functional")
 SHAPES = [(64, 64), (33, 17), (1000,), (7,), (130, 257), (4, 1, 96)]
 
 
+def decode(packed, state, shape, dtype=torch.float32):
+    """bitsandbytes' packed bytes and statistics decoded by the format's definition: code[nibble] * absmax of
+    the block (high nibble first; absmax from its 8-bit form plus the offset under double quantization)."""
+    p = packed.view(-1)
+    idx = torch.stack([p >> 4, p & 15], 1).view(-1).long()  # (2 * bytes,)
+    absmax = state.absmax.float()
+    if state.nested:
+        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    n = torch.Size(shape).numel()
+    values = torch.tensor(nf4.NF4_CODE)[idx][:n]
+    return (values.view(-1, state.blocksize) if n % state.blocksize == 0 else
+            torch.nn.functional.pad(values, (0, -n % state.blocksize)).view(-1, state.blocksize)) \
+        .mul(absmax[:, None]).view(-1)[:n].view(shape).to(dtype)
+
+
+def check_dequantize(ours, packed, state, shape, dtype=torch.float32, tol=1e-6):
+    """Ours equals the decoding of bitsandbytes' bytes; and bitsandbytes' own dequantize_4bit wherever that
+    agrees with its bytes. bitsandbytes 0.50's CPU kernel on AVX512-BF16 processors gets blocksizes other
+    than 64, non-2-D shapes and half precision wrong (checked against its own bytes above), so there the
+    format's definition is the reference."""
+    reference = decode(packed, state, shape, dtype)
+    torch.testing.assert_close(ours, reference, atol=tol, rtol=tol)
+    theirs = bnbF.dequantize_4bit(packed, state).reshape(shape)
+    if torch.allclose(theirs.float(), reference.float(), atol=1e-6, rtol=1e-6):
+        torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
+
+
 def sample(shape, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g) * 0.05
@@ -34,8 +61,7 @@ def test_bit_exact_with_bitsandbytes(blocksize, double_quant, shape):
         assert torch.equal(nf4.dynamic_map(), state.state2.code)
     else:
         assert torch.equal(q.absmax, state.absmax)
-    theirs = bnbF.dequantize_4bit(packed, state)
-    torch.testing.assert_close(nf4.dequantize(q), theirs.reshape(shape), atol=1e-6, rtol=1e-6)
+    check_dequantize(nf4.dequantize(q), packed, state, shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -46,7 +72,7 @@ def test_half_precision_inputs_bit_exact(dtype):
     assert torch.equal(q.packed, packed.view(-1)) and torch.equal(q.qabsmax, state.absmax)
     out = nf4.dequantize(q)
     assert out.dtype == dtype
-    torch.testing.assert_close(out, bnbF.dequantize_4bit(packed, state), atol=0, rtol=0)
+    check_dequantize(out, packed, state, (96, 80), dtype, tol=0)
 
 
 def test_values_on_thresholds_round_like_bitsandbytes():
