@@ -109,11 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .plan.cli import add_plan_command
     from .plan.sweep_cli import add_sweep_command
+    from .serve.cli import add_serve_command
     from .train.commands import add_commands
 
     add_commands(sub)
     add_plan_command(sub)
     add_sweep_command(sub)
+    add_serve_command(sub)
     return parser
 
 

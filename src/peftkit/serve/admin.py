@@ -1,0 +1,50 @@
+"""The admin endpoints of `peftkit serve`: list, load and unload adapters at run time.
+
+They exist only when the server was started with --admin-token (otherwise 404, so an open server cannot be
+reconfigured), and every call needs `Authorization: Bearer <token>` (401 otherwise). Names go to the registry
+as they are; it rejects bad names (400) and unknown adapters (404).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+
+from .limits import ApiError
+
+
+def add_admin_routes(app: FastAPI, registry, token: str) -> None:
+    """GET /admin/adapters, POST /admin/adapters/{name}/load, DELETE /admin/adapters/{name}: Bearer `token`.
+    Without an admin token these routes do not exist (404), so an open server cannot be reconfigured."""
+
+    def auth(request: Request) -> None:
+        check_bearer(request.headers.get("authorization"), token)
+
+    @app.get("/admin/adapters")
+    async def loaded(request: Request):
+        auth(request)
+        return {"object": "list", "data": await run_in_threadpool(registry.info),
+                "available": await run_in_threadpool(registry.names), "stats": registry.stats()}
+
+    @app.post("/admin/adapters/{name}/load")
+    async def load(name: str, request: Request):
+        auth(request)
+        return await run_in_threadpool(registry.load, name)
+
+    @app.delete("/admin/adapters/{name}")
+    async def unload(name: str, request: Request):
+        auth(request)
+        if not await run_in_threadpool(registry.unload, name):
+            raise ApiError(404, f"adapter {name!r} is not loaded, so there is nothing to unload; GET /admin/adapters "
+                           "lists the loaded ones", code="not_loaded")
+        return {"name": name, "unloaded": True}
+
+
+def check_bearer(header: str | None, token: str) -> None:
+    """Raise 401 unless `header` is "Bearer <token>" (compared in constant time)."""
+    given = (header or "").removeprefix("Bearer ").strip() if (header or "").startswith("Bearer ") else ""
+    if not given or not hmac.compare_digest(given.encode(), token.encode()):
+        raise ApiError(401, "admin endpoints need the header `Authorization: Bearer <token>` with the server's "
+                       "--admin-token", code="invalid_api_key")

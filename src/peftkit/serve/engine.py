@@ -1,0 +1,370 @@
+"""Continuous batching: one background thread runs the decode steps of every active request together.
+
+A new request is prefilled alone (its prompt in one forward, with its adapter's slot), then joins the batch:
+every decode step is ONE forward over all active rows (up to max_batch) with a shared KV cache, rows of
+different adapters side by side (the slot layers route them, see batched.py). Rows join and leave between
+steps. Rows hold different lengths, so the cache is left-padded; the attention mask hides the padding and
+explicit position_ids give each row its own positions, which is what makes a greedy response equal to the
+same request served alone. Finished rows are dropped and columns that are padding for every row are cut.
+
+Sampling is per row with the request's own torch.Generator (seeded from `seed`), so batch neighbours never
+change a row's random draws; temperature 0 is greedy. A request ends at a stop token ("stop"), at max_tokens
+("length"), when cancelled ("cancelled") or on an error ("error", with a message); a failed batched step is
+retried row by row, so only the rows that fail on their own end with "error", and the loop keeps running.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .registry import AdapterRegistry, Lease
+from .request import GenRequest, Handle, QueueFull
+
+__all__ = ["Engine", "GenRequest", "Handle", "QueueFull", "sample"]
+
+
+@dataclass
+class _Row:
+    handle: Handle
+    req: GenRequest
+    lease: Lease | None
+    slot: int  # -1: the base
+    generator: torch.Generator | None
+    length: int = 0  # tokens of this row in the KV cache
+    last: int = 0  # the token to feed at the next step
+
+
+class Engine:
+    """The batching loop over one model and its adapter registry (model.eval() is called: serving never trains)."""
+
+    def __init__(self, model: nn.Module, registry: AdapterRegistry, max_batch: int = 16, max_queue: int = 256) -> None:
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be at least 1, got {max_batch} and {max_queue}")
+        self.model = model.eval()
+        self.registry = registry
+        self.bank = registry.bank
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5.x / 4.x
+        self._keep_arg = "logits_to_keep" in params
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        odd = sorted(set(getattr(text_config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"})
+        if odd:
+            raise ValueError(f"the batching engine keeps a plain key/value cache per attention layer; this model "
+                             f"has layers of type {odd}, which it cannot batch yet. Serve an attention-only model")
+        self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.vocab_size = getattr(config, "vocab_size", None)
+        self.device = next(model.parameters()).device
+        self._cond = threading.Condition()
+        self._queue: deque[_Row] = deque()
+        self._rows: list[_Row] = []
+        self._cache = None  # the batch's transformers cache, (B, H, T, D) per layer, left-padded
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._stats = {"steps": 0, "batched_rows": 0, "prefills": 0, "completed": 0, "errors": 0,
+                       "generated_tokens": 0}
+
+    # --- public -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="peftkit-engine", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the loop; requests still queued or running end with "cancelled"."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._cond:
+            rows, self._queue = list(self._queue), deque()
+        for row in rows + self._rows:
+            self._end(row, "cancelled", "the server is shutting down")
+        self._rows, self._cache = [], None
+
+    def submit(self, req: GenRequest) -> Handle:
+        """Queue a request; raises ValueError (bad request), AdapterError (from acquire), QueueFull."""
+        self._check(req)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting (max_queue {self.max_queue}); retry later")
+        lease = self.registry.acquire(req.adapter) if req.adapter is not None else None
+        generator = None
+        if req.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(req.seed) if req.seed is not None else generator.seed()
+        handle = Handle(len(req.prompt_ids), on_cancel=self._cancel_queued)
+        row = _Row(handle, req, lease, lease.slot if lease else -1, generator)
+        with self._cond:
+            if len(self._queue) >= self.max_queue or self._closed:
+                full = not self._closed
+                if lease is not None:
+                    lease.release()
+                raise (QueueFull(f"the queue is full (max_queue {self.max_queue}); retry later") if full
+                       else RuntimeError("the engine is closed"))
+            self._queue.append(row)
+            self._cond.notify_all()
+        return row.handle
+
+    def stats(self) -> dict:
+        with self._cond:
+            queued = len(self._queue)
+        return {"queue_depth": queued, "active": len(self._rows), **self._stats}
+
+    def _check(self, req: GenRequest) -> None:
+        problems = []
+        ids = req.prompt_ids
+        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            problems.append("prompt_ids must be a non-empty list of token ids")
+        elif self.vocab_size and not all(0 <= t < self.vocab_size for t in ids):
+            problems.append(f"prompt_ids must lie in 0..{self.vocab_size - 1}")
+        if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+            problems.append(f"max_tokens must be a positive integer, got {req.max_tokens!r}")
+        elif self.max_positions and ids and len(ids) + req.max_tokens > self.max_positions:
+            problems.append(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
+                            f"context of {self.max_positions} tokens; shorten the prompt or lower max_tokens")
+        if not req.temperature >= 0:
+            problems.append(f"temperature must be >= 0, got {req.temperature!r}")
+        if not 0 < req.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {req.top_p!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def _cancel_queued(self, handle: Handle) -> None:
+        with self._cond:
+            row = next((r for r in self._queue if r.handle is handle), None)
+            if row is not None:
+                self._queue.remove(row)
+        if row is not None:
+            self._end(row, "cancelled")
+
+    # --- the loop (engine thread) -----------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._closed and not self._queue and not self._rows:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    room = min(len(self._queue), self.max_batch - len(self._rows))
+                    new = [self._queue.popleft() for _ in range(room)]
+                try:
+                    self._join([joined for row in new if (joined := self._admit(row)) is not None])
+                    self._drop([r for r in self._rows if r.handle.cancelled.is_set()], "cancelled")
+                    if self._rows:
+                        self._decode()
+                except Exception as err:  # noqa: BLE001 - a bug here must not stop serving everyone else
+                    for row in {id(r): r for r in new + self._rows if not r.handle.done}.values():
+                        self._end(row, "error", f"internal error in the batching loop: {err!r}")
+                    self._rows, self._cache = [], None
+
+    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor, slots: list[int], cache) -> tuple[Tensor, object]:
+        """Last-position logits (B, V) and the updated cache for ids (B, t) at `positions` (B, t)."""
+        kwargs = {self._cache_arg: cache, "use_cache": True}
+        if self._keep_arg:
+            kwargs["logits_to_keep"] = 1
+        with self.bank.rows(slots):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        return out.logits[:, -1], cache
+
+    def _admit(self, row: _Row) -> tuple[_Row, list[tuple[Tensor, Tensor]]] | None:
+        """Prefill one request alone: (the row, its cache) to join the batch, or None when it already ended."""
+        if row.handle.cancelled.is_set():
+            self._end(row, "cancelled")
+            return None
+        prompt = row.req.prompt_ids
+        n = len(prompt)
+        ids = torch.tensor([prompt], device=self.device)  # (1, P)
+        positions = torch.arange(n, device=self.device)[None]  # (1, P)
+        mask = torch.ones(1, n, dtype=torch.long, device=self.device)  # (1, P)
+        try:
+            logits, cache = self._forward(ids, positions, mask, [row.slot], new_cache([]))
+        except Exception as err:  # noqa: BLE001 - this request fails, nobody else
+            self._end(row, "error", f"prefill failed: {err!r}")
+            return None
+        self._stats["prefills"] += 1
+        row.length = n
+        return (row, kv_tensors(cache)) if self._emit([row], logits)[0] else None
+
+    def _decode(self) -> None:
+        """One forward for every active row, then sampling row by row."""
+        rows = self._rows
+        T = cache_length(self._cache)
+        lengths = torch.tensor([r.length for r in rows], device=self.device)  # (B,)
+        ids = torch.tensor([[r.last] for r in rows], device=self.device)  # (B, 1)
+        mask = (torch.arange(T + 1, device=self.device)[None] >= (T - lengths)[:, None]).long()  # (B, T + 1)
+        before = kv_tensors(self._cache)
+        try:
+            logits, cache = self._forward(ids, lengths[:, None], mask, [r.slot for r in rows], self._cache)
+        except Exception:  # noqa: BLE001 - find the rows that fail on their own
+            self._decode_one_by_one(before)
+            return
+        self._stats["steps"] += 1
+        self._stats["batched_rows"] += len(rows)
+        for r in rows:
+            r.length += 1
+        self._cache = cache
+        keep = [i for i, going_on in enumerate(self._emit(rows, logits)) if going_on]
+        self._keep(keep)
+
+    def _decode_one_by_one(self, before: list[tuple[Tensor, Tensor]]) -> None:
+        """After a failed batched step: each row alone, from its own slice of the cache before the step."""
+        T = before[0][0].shape[-2] if before else 0
+        survivors: list[tuple[_Row, list]] = []
+        for i, row in enumerate(self._rows):
+            kv = [(k[i:i + 1, :, T - row.length:], v[i:i + 1, :, T - row.length:]) for k, v in before]
+            ids = torch.tensor([[row.last]], device=self.device)
+            mask = torch.ones(1, row.length + 1, dtype=torch.long, device=self.device)
+            positions = torch.tensor([[row.length]], device=self.device)
+            try:
+                logits, cache = self._forward(ids, positions, mask, [row.slot], new_cache(kv))
+            except Exception as err:  # noqa: BLE001
+                self._end(row, "error", f"decode step failed: {err!r}")
+                continue
+            row.length += 1
+            if self._emit([row], logits)[0]:
+                survivors.append((row, kv_tensors(cache)))
+        self._stats["steps"] += 1
+        self._rows, self._cache = [], None
+        self._join(survivors)
+
+    def _emit(self, rows: list[_Row], logits: Tensor) -> list[bool]:
+        """Pick each row's next token from its logits (B, V) and hand it out; per row, whether it goes on.
+        Greedy picks and log-probabilities are read for the whole batch at once (no device sync per row);
+        sampled rows draw one by one from their own generators."""
+        logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)  # (B, V)
+        greedy = logits.argmax(-1).tolist()
+        tokens: list[int | None] = []
+        for i, row in enumerate(rows):
+            req = row.req
+            try:
+                tokens.append(greedy[i] if req.temperature <= 0 else
+                              sample(logits[i], req.temperature, req.top_p, row.generator))
+            except Exception as err:  # noqa: BLE001 - e.g. NaN logits: this row only
+                self._end(row, "error", f"sampling failed: {err!r}")
+                tokens.append(None)
+        index = torch.tensor([0 if t is None else t for t in tokens], device=logits.device)
+        chosen = logprobs.gather(1, index[:, None])[:, 0].tolist()
+        return [token is not None and self._hand_out(row, token, logprob)
+                for row, token, logprob in zip(rows, tokens, chosen)]
+
+    def _hand_out(self, row: _Row, token: int, logprob: float) -> bool:
+        req = row.req
+        self._stats["generated_tokens"] += 1
+        stop = token in req.stop_token_ids
+        row.handle._push(None if stop else token, logprob)
+        if stop or row.handle.completion_tokens >= req.max_tokens:
+            self._end(row, "stop" if stop else "length")
+            return False
+        if row.handle.cancelled.is_set():
+            self._end(row, "cancelled")
+            return False
+        row.last = token
+        return True
+
+    def _end(self, row: _Row, reason: str, error: str | None = None) -> None:
+        if row.lease is not None:
+            row.lease.release()
+            row.lease = None
+        self._stats["completed"] += 1
+        if reason == "error":
+            self._stats["errors"] += 1
+        row.handle._finish(reason, error)
+
+    # --- the batch's cache --------------------------------------------------------------------------
+    def _join(self, joining: list[tuple[_Row, list[tuple[Tensor, Tensor]]]]) -> None:
+        """Append rows (each with its cache, (1, H, L, D) per layer) to the batch in one copy, left-padding
+        every part to the longest."""
+        if not joining:
+            return
+        parts = ([(self._rows, kv_tensors(self._cache))] if self._rows else []) + [([r], kv) for r, kv in joining]
+        T = max(kv[0][0].shape[-2] for _, kv in parts)
+        self._rows = [r for rows, _ in parts for r in rows]
+        self._cache = new_cache([(torch.cat([_left_pad(kv[i][0], T) for _, kv in parts]),
+                                  torch.cat([_left_pad(kv[i][1], T) for _, kv in parts]))
+                                 for i in range(len(parts[0][1]))])
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep rows `keep` of the batch and cut columns that are padding in every remaining row."""
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._cache = None
+            return
+        kv = kv_tensors(self._cache)
+        cut = kv[0][0].shape[-2] - max(r.length for r in self._rows)
+        index = torch.tensor(keep, device=self.device)
+        self._cache = new_cache([(k.index_select(0, index)[:, :, cut:], v.index_select(0, index)[:, :, cut:])
+                                 for k, v in kv])
+
+    def _drop(self, rows: list[_Row], reason: str) -> None:
+        if rows:
+            gone = {id(r) for r in rows}
+            keep = [i for i, r in enumerate(self._rows) if id(r) not in gone]
+            for r in rows:
+                self._end(r, reason)
+            self._keep(keep)
+
+
+def _left_pad(t: Tensor, length: int) -> Tensor:
+    """(B, H, L, D) -> (B, H, length, D), zeros in front."""
+    return F.pad(t, (0, 0, length - t.shape[-2], 0))
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from logits (V,): argmax when temperature is 0, else softmax(logits / T) restricted to the
+    smallest set of most likely tokens whose probability reaches top_p, drawn with `generator`."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, -1)  # (V,)
+    if top_p >= 1:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    sorted_p, order = probs.sort(descending=True)  # (V,), (V,)
+    keep = (sorted_p.cumsum(0) - sorted_p) < top_p  # the first token is always kept
+    choice = torch.multinomial(sorted_p * keep, 1, generator=generator)
+    return int(order[choice])
+
+
+# --- a small adapter over transformers' cache classes (4.x: key_cache lists; 5.x: layers[i].keys) ---------
+def new_cache(kv: list[tuple[Tensor, Tensor]]):
+    """A DynamicCache holding these (B, H, T, D) keys and values per layer (empty list: an empty cache)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k[:, :, :0], v[:, :, :0], i)  # creates layer i without copying the data
+    if hasattr(cache, "layers"):
+        for layer, (k, v) in zip(cache.layers, kv):
+            layer.keys, layer.values = k, v
+    else:
+        cache.key_cache[:] = [k for k, _ in kv]
+        cache.value_cache[:] = [v for _, v in kv]
+    return cache
+
+
+def kv_tensors(cache) -> list[tuple[Tensor, Tensor]]:
+    if cache is None:
+        return []
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def cache_length(cache) -> int:
+    kv = kv_tensors(cache)
+    return kv[0][0].shape[-2] if kv else 0

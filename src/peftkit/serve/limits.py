@@ -1,0 +1,112 @@
+"""Request limits and the app's own errors: the body-size guard (413) and readable validation errors (400).
+
+The body limit is an ASGI middleware, not a check in each endpoint, because it must act before the body
+is parsed: a Content-Length above the limit is refused at once, and a body sent without one (chunked) is
+counted as it arrives and refused as soon as it passes the limit, so a client cannot make the server
+buffer more than --max-body-bytes whatever the headers say.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from .schemas import error_body
+
+DRAIN_BYTES = 16 << 20  # a rejected body up to this size is read to its end before the 413 (see _reject)
+
+
+class ApiError(Exception):
+    """An error for the client: HTTP status, a message saying what is wrong and what to do, and the field."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for an HTTP request body over `limit` bytes, by header or by bytes received."""
+
+    def __init__(self, app, limit: int, on_reject: Callable[[str], None] | None = None) -> None:
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def _reject(self, scope, receive, send, size: str, more: bool) -> None:
+        """413, after reading (and dropping) the rest of a body of moderate size: closing a connection with
+        unread data makes TCP reset it, and the client would see a broken connection instead of the 413."""
+        if self.on_reject is not None:
+            self.on_reject(scope.get("path", ""))
+        budget = DRAIN_BYTES
+        while more and budget > 0:
+            message = await receive()
+            budget -= len(message.get("body", b""))
+            more = message["type"] == "http.request" and message.get("more_body", False)
+        body = json.dumps(error_body(f"the request body is {size}, above this server's limit of {self.limit} bytes "
+                                     "(--max-body-bytes); send a smaller request", code="request_too_large"))
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                await send({"type": "http.response.start", "status": 400,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": json.dumps(error_body(
+                    f"Content-Length {length.decode(errors='replace')!r} is not a number")).encode()})
+                return
+            if int(length) > self.limit:
+                await self._reject(scope, receive, send, f"{int(length)} bytes (Content-Length)",
+                                   more=int(length) <= DRAIN_BYTES)
+                return
+        chunks, size = [], 0
+        while True:  # read the whole (bounded) body first, counting what really arrives
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._reject(scope, receive, send, f"over {self.limit} bytes (counted as received)",
+                                   more=message.get("more_body", False))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: the disconnect, which streaming responses listen for
+
+        await self.app(scope, replay, send)
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, first field) for pydantic's errors: one line per field, with the field named."""
+    by_field: dict[str, list[str]] = {}
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        kind = e.get("type", "")
+        if kind == "json_invalid":
+            return f"the request body is not valid JSON: {e.get('msg')}", None
+        field = loc[0] if loc else "body"
+        if kind == "extra_forbidden":
+            text = f"{'.'.join(loc)!r} is not a field of this API; remove it"
+        elif kind == "missing" and not loc:
+            text = "the request needs a JSON body"
+        elif kind == "missing":
+            text = f"{'.'.join(loc)!r} is required"
+        else:
+            text = f"{'.'.join(loc)}: {e.get('msg')}"
+        if text not in by_field.setdefault(field, []):
+            by_field[field].append(text)
+    lines = [texts[0] if len(texts) == 1 else f"{field}: none of the accepted forms fit ({'; '.join(texts[:3])})"
+             for field, texts in by_field.items()]
+    return "invalid request: " + "; ".join(lines), next(iter(by_field), None)
