@@ -3,21 +3,25 @@
 On SmolLM2-135M-Instruct (or a random tiny Llama with --model tiny) with K distinct LoRA adapters
 (r=16, all linear layers, random non-zero weights, PEFT files in a temporary directory), R requests
 (prompts of the built-in ticket task rendered with the chat template; request i uses adapter i % K;
-greedy; every request generates exactly --max-tokens tokens, so all sides do the same work):
+greedy; a request generates exactly its max_tokens, no stop token, so all sides produce the same tokens).
+Two workloads: 'equal', every request --max-tokens long (static batching's best case), and 'mixed',
+max_tokens drawn (seeded) from --max-tokens/4 .. 2 x --max-tokens, as replies of real traffic differ:
 
     peftkit    serve.Engine: continuous batching (up to --max-batch rows share each decode forward, with
                a KV cache), rows of different adapters in one forward through the gathered slot layers
     hf-mixed   HF PEFT's mixed-batch generation: PeftModel with all K adapters loaded, generate() on
-               --max-batch requests at a time (left-padded) with adapter_names=[...]
+               --max-batch requests at a time in arrival order (left-padded) with adapter_names=[...];
+               a batch runs until its longest request is done (what generate() does)
     hf-swap    one adapter per request: HF PEFT's set_adapter(name) then generate() for that request
                alone, one after another (how a single-adapter server swaps)
 
-Throughput = generated tokens / wall seconds for the whole set of requests (median of --rounds rounds,
+Throughput = requested tokens / wall seconds for the whole set of requests (median of --rounds rounds,
 the sides interleaved, after one untimed warm-up load); ratios against peftkit's own
 single-adapter throughput (goal >= 0.8) and against the two HF PEFT ways (goal >= 2). Before timing, a
 few requests served by the engine are checked token for token against HF PEFT's generate() with the same
-adapter. Also measured: the cold-load time of an r=16 all-linear adapter into the registry (median of
---cold-loads fresh adapters; goal < 100 ms) and the memory one loaded adapter takes in the slots.
+adapter. Also measured: the cold-load time of an r=16 all-linear adapter into a running registry that holds
+the K adapters already (median of --cold-loads fresh adapters; goal < 100 ms) and the memory one loaded
+adapter takes in the slots.
 
 Run:  python bench/serve.py [--model smollm2|tiny] [--adapters 1,8,32] [--requests 32] [--max-tokens 32]
                             [--max-batch 16] [--swap-requests 8] [--rounds 3] [--threads 1] [--json out.json]
@@ -91,9 +95,9 @@ def prompts(tokenizer, count: int) -> list[list[int]]:
             for t in tickets]
 
 
-def run_engine(engine: Engine, reqs: list[tuple[list[int], str | None]], max_tokens: int) -> tuple[float, list]:
+def run_engine(engine: Engine, reqs: list[tuple[list[int], str | None, int]]) -> tuple[float, list]:
     t0 = time.perf_counter()
-    handles = [engine.submit(GenRequest(prompt_ids=ids, adapter=a, max_tokens=max_tokens)) for ids, a in reqs]
+    handles = [engine.submit(GenRequest(prompt_ids=ids, adapter=a, max_tokens=n)) for ids, a, n in reqs]
     outs = [list(h.tokens()) for h in handles]
     wall = time.perf_counter() - t0
     bad = [h.error for h in handles if h.finish_reason != "length"]
@@ -114,19 +118,21 @@ def hf_generate(model, tokenizer, batch: list[list[int]], max_tokens: int, adapt
     return [row[width:].tolist() for row in out]
 
 
-def run_hf_mixed(model, tokenizer, reqs, max_tokens: int, max_batch: int) -> float:
+def run_hf_mixed(model, tokenizer, reqs, max_batch: int) -> float:
+    """Static batches in arrival order; generate() runs a batch until its longest request is done."""
     t0 = time.perf_counter()
     for start in range(0, len(reqs), max_batch):
         chunk = reqs[start:start + max_batch]
-        hf_generate(model, tokenizer, [ids for ids, _ in chunk], max_tokens, [a for _, a in chunk])
+        hf_generate(model, tokenizer, [ids for ids, _, _ in chunk], max(n for _, _, n in chunk),
+                    [a for _, a, _ in chunk])
     return time.perf_counter() - t0
 
 
-def run_hf_swap(model, tokenizer, reqs, max_tokens: int) -> float:
+def run_hf_swap(model, tokenizer, reqs) -> float:
     t0 = time.perf_counter()
-    for ids, adapter in reqs:
+    for ids, adapter, n in reqs:
         model.set_adapter(adapter)
-        hf_generate(model, tokenizer, [ids], max_tokens)
+        hf_generate(model, tokenizer, [ids], n)
     return time.perf_counter() - t0
 
 
@@ -143,6 +149,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--swap-requests", type=int, default=8, help="requests timed for hf-swap (it is sequential)")
+    p.add_argument("--lengths", default="equal,mixed",
+                   help="workloads: 'equal' (every request --max-tokens long), 'mixed' (max_tokens drawn from "
+                        "max_tokens/4 .. 2*max_tokens, seeded); comma-separated")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per side and adapter count (medians)")
     p.add_argument("--cold-loads", type=int, default=8, help="fresh adapters whose first load is timed")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
@@ -175,16 +184,16 @@ def main() -> None:
     registry = AdapterRegistry(model, adapter_dir=root, max_loaded=n_adapters, max_rank=64)
     engine = Engine(model, registry, max_batch=args.max_batch, max_queue=4 * args.requests)
     engine.start()
-    cold = []
-    for name in cold_names:  # first use of each: read, hash, validate, copy into a slot
-        t0 = time.perf_counter()
-        registry.acquire(name).release()
-        cold.append(1000 * (time.perf_counter() - t0))
     for name in names:
         registry.acquire(name).release()
     loaded = registry.stats()
     per_adapter_mib = loaded["bytes"] / max(loaded["loaded"], 1) / 2**20
     rss_growth = (rss_mib() - before) / max(loaded["loaded"], 1)
+    cold = []
+    for name in cold_names:  # first use of each in a running server: read, hash, validate, copy into a slot
+        t0 = time.perf_counter()
+        registry.acquire(name).release()
+        cold.append(1000 * (time.perf_counter() - t0))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -193,40 +202,45 @@ def main() -> None:
             hf.load_adapter(root / name, adapter_name=name)
 
     # correctness first: a few requests, engine (batched together) vs HF PEFT alone, token for token
-    check = [(ids[i], names[i % len(names)]) for i in range(min(4, len(ids)))]
-    _, ours = run_engine(engine, check, args.max_tokens)
+    check = [(ids[i], names[i % len(names)], args.max_tokens) for i in range(min(4, len(ids)))]
+    _, ours = run_engine(engine, check)
     agree = 0
-    for (prompt, adapter), got in zip(check, ours):
+    for (prompt, adapter, n), got in zip(check, ours):
         hf.set_adapter(adapter)
-        agree += hf_generate(hf, tokenizer, [prompt], args.max_tokens)[0] == got
+        agree += hf_generate(hf, tokenizer, [prompt], n)[0] == got
     print(f"engine vs HF PEFT, greedy, {len(check)} requests: {agree}/{len(check)} identical")
 
-    warm = [(ids[i], names[i % len(names)]) for i in range(args.requests)]
-    run_engine(engine, warm, args.max_tokens)  # warm-up: the first full load pays for allocations
-    run_hf_mixed(hf, tokenizer, warm[: args.max_batch], 2, args.max_batch)
+    gen = torch.Generator().manual_seed(7)
+    lengths = {"equal": [args.max_tokens] * args.requests,  # every request as long: static batching's best case
+               "mixed": torch.randint(args.max_tokens // 4, 2 * args.max_tokens + 1, (args.requests,),
+                                      generator=gen).tolist()}  # replies of different lengths, as in real traffic
+    warm = [(ids[i], names[i % len(names)], args.max_tokens) for i in range(args.requests)]
+    run_engine(engine, warm)  # warm-up: the first full load pays for allocations
+    run_hf_mixed(hf, tokenizer, [(p, a, 2) for p, a, _ in warm[: args.max_batch]], args.max_batch)
     rows = []
-    for k in counts:
-        reqs = [(ids[i], names[i % k]) for i in range(args.requests)]
-        walls, mixed, swap = [], [], []
-        for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits every side alike
-            walls.append(run_engine(engine, reqs, args.max_tokens)[0])
-            mixed.append(run_hf_mixed(hf, tokenizer, reqs, args.max_tokens, args.max_batch))
-            swap.append(run_hf_swap(hf, tokenizer, reqs[: args.swap_requests], args.max_tokens))
-        tokens = args.requests * args.max_tokens
-        rows.append({"adapters": k, "peftkit_tok_s": tokens / statistics.median(walls),
-                     "hf_mixed_tok_s": tokens / statistics.median(mixed),
-                     "hf_swap_tok_s": args.swap_requests * args.max_tokens / statistics.median(swap)})
+    for workload in args.lengths.split(","):
+        for k in counts:
+            reqs = [(ids[i], names[i % k], lengths[workload][i]) for i in range(args.requests)]
+            walls, mixed, swap = [], [], []
+            for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits every side alike
+                walls.append(run_engine(engine, reqs)[0])
+                mixed.append(run_hf_mixed(hf, tokenizer, reqs, args.max_batch))
+                swap.append(run_hf_swap(hf, tokenizer, reqs[: args.swap_requests]))
+            tokens = sum(n for _, _, n in reqs)
+            rows.append({"lengths": workload, "adapters": k, "peftkit_tok_s": tokens / statistics.median(walls),
+                         "hf_mixed_tok_s": tokens / statistics.median(mixed),
+                         "hf_swap_tok_s": sum(n for _, _, n in reqs[: args.swap_requests]) / statistics.median(swap)})
     engine.close()
-    single = rows[0]["peftkit_tok_s"]
     print()
-    print(f"{'adapters':>8} | {'peftkit tok/s':>13} | {'/ 1 adapter':>11} | {'HF mixed tok/s':>14} | "
+    print(f"{'lengths':>7} | {'adapters':>8} | {'peftkit tok/s':>13} | {'/ 1 adapter':>11} | {'HF mixed tok/s':>14} | "
           f"{'peftkit / HF mixed':>18} | {'HF swap tok/s':>13} | {'peftkit / HF swap':>17}")
-    print("-" * 112)
+    print("-" * 122)
     for r in rows:
+        single = next(x for x in rows if x["lengths"] == r["lengths"])["peftkit_tok_s"]
         r["vs_single"] = r["peftkit_tok_s"] / single
         r["vs_hf_mixed"] = r["peftkit_tok_s"] / r["hf_mixed_tok_s"]
         r["vs_hf_swap"] = r["peftkit_tok_s"] / r["hf_swap_tok_s"]
-        print(f"{r['adapters']:>8} | {r['peftkit_tok_s']:>13.1f} | {r['vs_single']:>11.2f} | "
+        print(f"{r['lengths']:>7} | {r['adapters']:>8} | {r['peftkit_tok_s']:>13.1f} | {r['vs_single']:>11.2f} | "
               f"{r['hf_mixed_tok_s']:>14.1f} | {r['vs_hf_mixed']:>18.2f} | {r['hf_swap_tok_s']:>13.1f} | "
               f"{r['vs_hf_swap']:>17.2f}")
     cold_ms = statistics.median(cold)

@@ -45,6 +45,25 @@ def test_mixed_batch_equals_each_row_alone_with_peftkit_lora(adapters):
 
 
 @torch.no_grad()
+def test_rows_sharing_one_adapter_take_the_plain_matmuls_and_equal_the_gathered_product(adapters, monkeypatch):
+    served = tiny_llama().double()
+    registry = AdapterRegistry(served, adapters=adapters, max_loaded=4)
+    alpha, beta = registry.acquire("alpha").slot, registry.acquire("beta").slot
+    x = ids(4)
+    bmm_calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: bmm_calls.append(1) or real_bmm(*a))
+    with registry.bank.rows([alpha, -1, alpha, alpha]):
+        single = served(x).logits
+    assert bmm_calls == []  # one adapter in the batch: no per-row gather
+    with registry.bank.rows([alpha, -1, alpha, beta]):
+        gathered = served(x).logits
+    assert bmm_calls  # two adapters: the gathered product
+    torch.testing.assert_close(single[:3], gathered[:3], atol=1e-12, rtol=0)
+    assert not torch.allclose(single[3], gathered[3])
+
+
+@torch.no_grad()
 def test_batch_without_adapter_rows_is_the_base_exactly(adapters):
     served = tiny_llama().double()
     registry = AdapterRegistry(served, adapters=adapters, max_loaded=2)
