@@ -24,7 +24,7 @@ the K adapters already (median of --cold-loads fresh adapters; goal < 100 ms) an
 adapter takes in the slots.
 
 Run:  python bench/serve.py [--model smollm2|tiny] [--adapters 1,8,32] [--requests 32] [--max-tokens 32]
-                            [--max-batch 16] [--swap-requests 8] [--rounds 3] [--threads 1] [--json out.json]
+                            [--max-batch 16] [--swap-requests 8] [--rounds 3] [--device cpu|cuda] [--threads 1] [--json out.json]
 (about 5 minutes for the defaults on the project's 2-core CPU machine; --quick: tiny model, seconds)
 """
 
@@ -109,8 +109,9 @@ def run_engine(engine: Engine, reqs: list[tuple[list[int], str | None, int]]) ->
 def hf_generate(model, tokenizer, batch: list[list[int]], max_tokens: int, adapter_names=None) -> list[list[int]]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(len(ids) for ids in batch)
-    ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch])
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
+    device = next(model.parameters()).device
+    ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
     kwargs = {} if adapter_names is None else {"adapter_names": adapter_names}
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
@@ -154,6 +155,7 @@ def main() -> None:
                         "max_tokens/4 .. 2*max_tokens, seeded); comma-separated")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per side and adapter count (medians)")
     p.add_argument("--cold-loads", type=int, default=8, help="fresh adapters whose first load is timed")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--quick", action="store_true", help="tiny model, 8 requests, 8 tokens, adapters 1,4")
@@ -169,6 +171,7 @@ def main() -> None:
     print(f"{platform.platform()} | cpu_count={os.cpu_count()} | torch threads={torch.get_num_threads()}")
 
     model, tokenizer = load(args.model)
+    model = model.to(args.device)
     pristine = copy.deepcopy(model)  # HF PEFT's base: the engine's model gets slot layers
     tmp = tempfile.TemporaryDirectory()
     root = Path(tmp.name)
