@@ -73,6 +73,32 @@ def test_concurrent_mixed_requests_equal_single_request_references(adapters, ref
     assert len(outs) == len(handles)  # the adapters really differ
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_requests_admitted_together_share_one_prefill_and_equal_the_references(adapters, dtype, monkeypatch):
+    """Queued before the loop starts, all CASES are prefilled in one left-padded forward; the padding is
+    masked (no NaN from the padding rows' fully masked queries leaks into real rows) and cut from the cache."""
+    engine = engine_for(adapters, dtype=dtype, start=False, max_batch=8)
+    forwards = []
+    real = engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda ids, *a: forwards.append(tuple(ids.shape)) or real(ids, *a))
+    handles = [engine.submit(GenRequest(prompt(n, i), adapter, max_tokens)) for i, (adapter, n, max_tokens)
+               in enumerate(CASES)]
+    engine.start()
+    try:
+        for h in handles:
+            h.wait(30)
+    finally:
+        engine.close()
+    assert forwards[0] == (len(CASES), max(n for _, n, _ in CASES))  # one prefill for all of them
+    reference = reference_model(adapters, dtype=dtype)
+    for i, ((adapter, n, max_tokens), h) in enumerate(zip(CASES, handles)):
+        expected, logprobs = greedy(reference, adapter, prompt(n, i), max_tokens)
+        assert h.token_ids == expected, (adapter, n)
+        tol = 1e-6 if dtype == torch.float64 else 1e-4  # the reference takes log_softmax in float32
+        torch.testing.assert_close(torch.tensor(h.token_logprobs, dtype=torch.float64), torch.tensor(logprobs, dtype=torch.float64),
+                                   atol=tol, rtol=0)
+
+
 def test_float32_matches_the_reference_closely(adapters):
     reference = reference_model(adapters, dtype=torch.float32)
     engine = engine_for(adapters, dtype=torch.float32, max_batch=4)  # fewer slots: rows queue and join later

@@ -1,6 +1,7 @@
 """Continuous batching: one background thread runs the decode steps of every active request together.
 
-A new request is prefilled alone (its prompt in one forward, with its adapter's slot), then joins the batch:
+New requests are prefilled together (their prompts left-padded in one forward, each row with its adapter's
+slot; each row's cache is then cut to its own tokens, as a prefill alone gives it), then join the batch:
 every decode step is ONE forward over all active rows (up to max_batch) with a shared KV cache, rows of
 different adapters side by side (the slot layers route them, see batched.py). Rows join and leave between
 steps. Rows hold different lengths, so the cache is left-padded; the attention mask hides the padding and
@@ -163,7 +164,7 @@ class Engine:
                     room = min(len(self._queue), self.max_batch - len(self._rows))
                     new = [self._queue.popleft() for _ in range(room)]
                 try:
-                    self._join([joined for row in new if (joined := self._admit(row)) is not None])
+                    self._join(self._admit_all(new))
                     self._drop([r for r in self._rows if r.handle.cancelled.is_set()], "cancelled")
                     if self._rows:
                         self._decode()
@@ -180,6 +181,41 @@ class Engine:
         with self.bank.rows(slots):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         return out.logits[:, -1], cache
+
+    def _admit_all(self, rows: list[_Row]) -> list[tuple[_Row, list[tuple[Tensor, Tensor]]]]:
+        """Prefill the new requests together, each prompt left-padded to the longest (masked out, positions
+        counted from each row's first real token), and return (row, its own cache) for the rows that go on.
+        A row's cache is cut to its real tokens, (1, H, P_i, D) per layer, exactly what its prefill alone
+        gives. If the batched prefill fails, each row is prefilled alone, so only a row at fault fails."""
+        rows = [r for r in rows if not self._ended_by_cancel(r)]
+        if len(rows) < 2:
+            return [joined for r in rows if (joined := self._admit(r)) is not None]
+        lengths = [len(r.req.prompt_ids) for r in rows]
+        P = max(lengths)
+        ids = torch.tensor([[0] * (P - n) + r.req.prompt_ids for r, n in zip(rows, lengths)],
+                           device=self.device)  # (b, P)
+        offsets = torch.tensor([P - n for n in lengths], device=self.device)[:, None]  # (b, 1)
+        columns = torch.arange(P, device=self.device)[None]  # (1, P)
+        mask = (columns >= offsets).long()  # (b, P)
+        positions = (columns - offsets).clamp_(min=0)  # (b, P)
+        try:
+            logits, cache = self._forward(ids, positions, mask, [r.slot for r in rows], new_cache([]))
+        except Exception:  # noqa: BLE001 - find the rows that fail on their own
+            return [joined for r in rows if (joined := self._admit(r)) is not None]
+        self._stats["prefills"] += len(rows)
+        kv = kv_tensors(cache)
+        joining = []
+        for i, (row, n, going_on) in enumerate(zip(rows, lengths, self._emit(rows, logits))):
+            row.length = n
+            if going_on:
+                joining.append((row, [(k[i:i + 1, :, P - n:], v[i:i + 1, :, P - n:]) for k, v in kv]))
+        return joining
+
+    def _ended_by_cancel(self, row: _Row) -> bool:
+        if row.handle.cancelled.is_set():
+            self._end(row, "cancelled")
+            return True
+        return False
 
     def _admit(self, row: _Row) -> tuple[_Row, list[tuple[Tensor, Tensor]]] | None:
         """Prefill one request alone: (the row, its cache) to join the batch, or None when it already ended."""
