@@ -280,6 +280,7 @@ def test_adapter_errors_keep_their_status(serve):
     ({"model": "tiny", "prompt": "x", "logprobs": 2}, "logprobs"),
     ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "tiny", "prompt": ""}, "prompt"),
+    ({"model": "tiny", "prompt": []}, "prompt"),
     ({"model": "tiny", "prompt": [1, 99999]}, "prompt"),
     ({"model": "tiny", "prompt": [5] * 250, "max_tokens": 10, "stream": True}, "max_tokens"),  # context 256
     ({"prompt": "x"}, "model"),

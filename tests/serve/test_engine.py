@@ -177,6 +177,36 @@ def test_cancel_running_and_queued_requests(adapters):
     assert all(e["leases"] == 0 for e in registry.info())  # every lease was released
 
 
+def test_rows_are_ended_when_rejoining_after_a_failed_step_fails(adapters, monkeypatch):
+    engine = engine_for(adapters, start=False, max_batch=4)
+    real_forward, real_join = engine._forward, engine._join
+    calls = {"forward": 0}
+
+    def forward(ids, *args):
+        calls["forward"] += 1
+        if ids.shape[0] > 1 and ids.shape[1] == 1:  # the batched decode step fails ...
+            raise RuntimeError("injected")
+        return real_forward(ids, *args)
+
+    def join(joining):
+        if any(len(kv[0][0]) == 1 for _, kv in joining) and calls["forward"] > 2 and len(joining) > 1:
+            raise RuntimeError("no memory for the new cache")  # ... and so does rejoining the survivors
+        return real_join(joining)
+
+    monkeypatch.setattr(engine, "_forward", forward)
+    monkeypatch.setattr(engine, "_join", join)
+    handles = [engine.submit(GenRequest(prompt(3, i), "alpha" if i else None, 5)) for i in range(3)]
+    engine.start()
+    try:
+        for h in handles:
+            assert h.wait(10), "a request was lost"
+    finally:
+        engine.close()
+    assert [h.finish_reason for h in handles] == ["error"] * 3
+    assert all("rejoining" in h.error for h in handles)
+    assert all(e["leases"] == 0 for e in engine.registry.info())
+
+
 def test_queue_full_and_bad_requests(adapters):
     engine = engine_for(adapters, start=False, max_queue=2)
     try:
@@ -186,7 +216,9 @@ def test_queue_full_and_bad_requests(adapters):
         for bad, match in [(GenRequest([], None, 4), "non-empty"), (GenRequest([1], None, 0), "max_tokens"),
                            (GenRequest([1] * 60, None, 10), "context of 64"), (GenRequest([500], None), "0..127"),
                            (GenRequest([1], None, temperature=-1), "temperature"),
-                           (GenRequest([1], None, top_p=0), "top_p")]:
+                           (GenRequest([1], None, top_p=0), "top_p"),
+                           (GenRequest([1], "alpha", temperature=1.0, seed=2**64), "seed"),  # before any lease
+                           (GenRequest([1], "alpha", temperature=1.0, seed=-1), "seed")]:
             with pytest.raises(ValueError, match=match):
                 engine.submit(bad)
         assert engine.stats()["queue_depth"] == 0

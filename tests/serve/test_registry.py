@@ -163,6 +163,39 @@ def test_reload_on_content_change_keeps_old_leases_on_the_old_weights(adapter_di
     assert registry.acquire("beta").slot == old.slot
 
 
+def test_a_reload_replaces_its_own_old_version_rather_than_evicting_another(adapter_dir):
+    registry = new_registry(adapter_dir, max_loaded=2)
+    registry.acquire("alpha").release()
+    registry.acquire("beta").release()
+    save_lora(adapter_dir / "alpha", seed=99, **ADAPTERS["alpha"])
+    registry.acquire("alpha").release()
+    stats = registry.stats()
+    assert (stats["loaded"], stats["evictions"], stats["reloads"]) == (2, 0, 1)
+
+
+def test_configs_of_the_wrong_types_and_overflowing_scales_are_422_and_remembered(adapter_dir, monkeypatch):
+    registry = new_registry(adapter_dir, max_loaded=4)
+    config_path = adapter_dir / "alpha" / "adapter_config.json"
+    good = json.loads(config_path.read_text())
+    for bad, reason in [(None, "cannot be used"), ({**good, "lora_alpha": "x"}, "cannot be used"),
+                        ({**good, "target_modules": 5}, "cannot be used"),
+                        ({**good, "lora_alpha": float("inf")}, "overflow")]:  # valid JSON to Python's parser
+        config_path.write_text(json.dumps(bad))
+        os.utime(config_path, ns=(time_ns := os.stat(config_path).st_mtime_ns + 10**9, time_ns))
+        code, message = status(registry.acquire, "alpha")
+        assert code == 422 and reason in message, message
+    parses = []
+    real = registry._parse
+    monkeypatch.setattr(registry, "_parse", lambda *a: parses.append(1) or real(*a))
+    assert status(registry.acquire, "alpha")[0] == 422 and parses == []  # remembered until the files change
+    assert registry.stats()["load_errors"] == 4
+    assert registry.acquire("beta").slot >= 0  # the others are served as before
+    fp32 = AdapterRegistry(tiny_llama(), adapter_dir, max_loaded=2)  # 1e42 is finite in float64, not in float32
+    config_path.write_text(json.dumps({**good, "lora_alpha": 1e42}))
+    code, message = status(fp32.acquire, "alpha")
+    assert code == 422 and "overflow the server's float32" in message, message
+
+
 def test_touched_but_unchanged_files_keep_their_slot(adapter_dir):
     registry = new_registry(adapter_dir)
     first = registry.acquire("alpha")

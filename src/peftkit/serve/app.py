@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .request import GenRequest, QueueFull
+from .request import EngineClosed, GenRequest, QueueFull
 from .limits import ApiError, BodyLimit, validation_message
 from .registry import AdapterError
 from .schemas import (ChatChoice, ChatCompletion, ChatCompletionChunk, ChatRequest, ChunkChoice, Completion,
@@ -124,6 +124,13 @@ def create_app(engine, registry, tokenizer, *, model_name: str, context_length: 
     for cls in (ApiError, AdapterError, QueueFull):
         app.add_exception_handler(cls, lambda request, err: _error_response(err))
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception):
+        """Anything unexpected still answers in OpenAI's error JSON (500), naming the error."""
+        metrics.observe("_invalid", endpoint_of(request.url.path), 500, 0.0)
+        return JSONResponse(error_body(f"internal server error: {type(err).__name__}: {err}", "server_error", None),
+                            status_code=500)
+
     # --- generation ---------------------------------------------------------------------------------------
     def prepare(prompts: list[str | list[int]], req) -> list[tuple[list[int], int]]:
         """(prompt ids, max_tokens) per prompt, after every limit check; nothing is submitted yet."""
@@ -182,7 +189,7 @@ def create_app(engine, registry, tokenizer, *, model_name: str, context_length: 
                 return submit(prepare(prompts, req), req)
             except ValueError as err:  # the engine's own checks of a request
                 raise ApiError(400, str(err)) from err
-            except RuntimeError as err:  # the engine is closed: the server is stopping
+            except EngineClosed as err:  # the server is stopping
                 raise ApiError(503, f"{err}; retry on another server or once this one is back",
                                code="shutting_down") from err
 
@@ -330,7 +337,11 @@ def create_app(engine, registry, tokenizer, *, model_name: str, context_length: 
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        return await generate(request, req, req.prompts(), "completions", chat=False)
+        try:
+            prompts = req.prompts()
+        except ValueError as err:
+            raise ApiError(400, str(err), param="prompt") from None
+        return await generate(request, req, prompts, "completions", chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):

@@ -173,9 +173,13 @@ class SlotBank:
         return sum(layer.nbytes() for layer in self.layers.values())
 
     def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype()).element_size()
+
+    def dtype(self) -> torch.dtype:
+        """The slots' dtype (adapters are cast to it when written)."""
         for layer in self.layers.values():
-            return layer.slots[0].element_size()
-        return 4
+            return layer.slots[0].dtype
+        return torch.float32
 
     @contextmanager
     def rows(self, idx: Tensor | list[int] | None) -> Iterator[None]:

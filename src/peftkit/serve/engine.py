@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import AdapterRegistry, Lease
-from .request import GenRequest, Handle, QueueFull
+from .request import EngineClosed, GenRequest, Handle, QueueFull
 
-__all__ = ["Engine", "GenRequest", "Handle", "QueueFull", "sample"]
+__all__ = ["Engine", "EngineClosed", "GenRequest", "Handle", "QueueFull", "sample"]
 
 
 @dataclass
@@ -95,18 +95,19 @@ class Engine:
         self._rows, self._cache = [], None
 
     def submit(self, req: GenRequest) -> Handle:
-        """Queue a request; raises ValueError (bad request), AdapterError (from acquire), QueueFull."""
+        """Queue a request; raises ValueError (bad request), AdapterError (from acquire), QueueFull,
+        EngineClosed. Everything that can fail is checked before the adapter's lease is taken."""
         self._check(req)
         with self._cond:
             if self._closed:
-                raise RuntimeError("the engine is closed")
+                raise EngineClosed("the engine is closed")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are waiting (max_queue {self.max_queue}); retry later")
-        lease = self.registry.acquire(req.adapter) if req.adapter is not None else None
         generator = None
         if req.temperature > 0:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(req.seed) if req.seed is not None else generator.seed()
+        lease = self.registry.acquire(req.adapter) if req.adapter is not None else None
         handle = Handle(len(req.prompt_ids), on_cancel=self._cancel_queued)
         row = _Row(handle, req, lease, lease.slot if lease else -1, generator)
         with self._cond:
@@ -115,7 +116,7 @@ class Engine:
                 if lease is not None:
                     lease.release()
                 raise (QueueFull(f"the queue is full (max_queue {self.max_queue}); retry later") if full
-                       else RuntimeError("the engine is closed"))
+                       else EngineClosed("the engine is closed"))
             self._queue.append(row)
             self._cond.notify_all()
         return row.handle
@@ -137,6 +138,9 @@ class Engine:
         elif self.max_positions and ids and len(ids) + req.max_tokens > self.max_positions:
             problems.append(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
                             f"context of {self.max_positions} tokens; shorten the prompt or lower max_tokens")
+        if req.seed is not None and (not isinstance(req.seed, int) or isinstance(req.seed, bool)
+                                     or not 0 <= req.seed < 2**63):
+            problems.append(f"seed must be an integer in 0..2**63-1, got {req.seed!r}")
         if not req.temperature >= 0:
             problems.append(f"temperature must be >= 0, got {req.temperature!r}")
         if not 0 < req.top_p <= 1:
@@ -276,7 +280,12 @@ class Engine:
                 survivors.append((row, kv_tensors(cache)))
         self._stats["steps"] += 1
         self._rows, self._cache = [], None
-        self._join(survivors)
+        try:
+            self._join(survivors)
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory for the new cache: end them, never lose them
+            for row, _ in survivors:
+                self._end(row, "error", f"rejoining the batch failed: {err!r}")
+            self._rows, self._cache = [], None
 
     def _emit(self, rows: list[_Row], logits: Tensor) -> list[bool]:
         """Pick each row's next token from its logits (B, V) and hand it out; per row, whether it goes on.

@@ -253,7 +253,7 @@ class AdapterRegistry:
                     return self._pin(entry)
                 failed = self._failed.get(name)
                 if failed is not None and failed[0] == signature:
-                    raise failed[1]
+                    raise AdapterError(failed[1].status, failed[1].message)  # a fresh object per request
             start = time.perf_counter()
             try:
                 raw = [_read(path) for path in files]
@@ -264,11 +264,14 @@ class AdapterRegistry:
                         entry.signature = signature
                         return self._pin(entry)
                 factors, rank, nbytes = self._parse(name, *raw)
-            except AdapterError as err:  # the files are at fault: remembered until they change
+            except Exception as err:  # noqa: BLE001 - the files are at fault: remembered until they change
+                if not isinstance(err, AdapterError):  # e.g. a config whose fields have the wrong types
+                    err = AdapterError(422, f"adapter {name!r} cannot be used: {type(err).__name__}: {err}; "
+                                            f"check {CONFIG_NAME} and {WEIGHTS_NAME}, or save the adapter again")
                 with self._lock:
                     self._failed[name] = (signature, err)
                     self._stats.load_errors += 1
-                raise
+                raise err from None
             slot = self._reserve_slot(name)  # a 503 here is about the load, not the files: not remembered
             try:
                 self.bank.write(slot, factors)
@@ -299,7 +302,7 @@ class AdapterRegistry:
                     self._reserved.add(free[0])
                     return free[0]
                 victims = [e for e in self._entries.values() if e.leases == 0]  # least recently used first
-                victim = next((e for e in victims if e.name != name), victims[0] if victims else None)
+                victim = next((e for e in victims if e.name == name), victims[0] if victims else None)
                 if victim is None:
                     raise AdapterError(503, f"all {self.max_loaded} adapter slots are in use by running requests; "
                                             "retry shortly, or start the server with a larger --max-loaded")
@@ -365,10 +368,15 @@ class AdapterRegistry:
             raise AdapterError(422, f"adapter {name!r} has non-float, NaN or infinite values in {bad[:5]}; "
                                     "save it again")
         factors: dict[str, tuple[Tensor, Tensor]] = {}
+        dtype = self.bank.dtype()
         for path, _ in targets:
-            A = tensors[f"{path}.lora_A.weight"]  # (r, in)
-            B = tensors[f"{path}.lora_B.weight"].double() * config.scaling_for(path)  # (out, r), scaling folded in
+            A = tensors[f"{path}.lora_A.weight"].to(dtype)  # (r, in)
+            B = (tensors[f"{path}.lora_B.weight"].double() * config.scaling_for(path)).to(dtype)  # (out, r), scaled
             factors[path] = (A, B)
+        overflow = sorted(p for p, (A, B) in factors.items() if not (torch.isfinite(A).all() and torch.isfinite(B).all()))
+        if overflow:
+            raise AdapterError(422, f"adapter {name!r}: lora_alpha / r scaling or the weights overflow the server's "
+                                    f"{str(dtype).removeprefix('torch.')} in {overflow[:5]}; check lora_alpha and r")
         nbytes = sum(A.numel() + B.numel() for A, B in factors.values()) * self.bank.element_size()
         return factors, max(ranks.values()), nbytes
 

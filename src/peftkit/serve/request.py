@@ -16,6 +16,10 @@ class QueueFull(Exception):
     """The request queue is at max_queue (HTTP 429): retry later."""
 
 
+class EngineClosed(RuntimeError):
+    """The engine was closed (the server is stopping): HTTP 503."""
+
+
 @dataclass(frozen=True)
 class GenRequest:
     prompt_ids: list[int]

@@ -84,7 +84,9 @@ class CompletionRequest(_Request):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if p and all(isinstance(x, int) for x in p):
+        if not p:
+            raise ValueError("prompt must not be empty: give a string, strings, token ids or lists of ids")
+        if all(isinstance(x, int) for x in p):
             return [list(p)]
         return list(p)
 
