@@ -64,6 +64,9 @@ class FakeRegistry:
     def names(self) -> list[str]:
         return sorted(self.known | self.broken)
 
+    def has(self, name: str) -> bool:
+        return name in self.known | self.broken
+
     def acquire(self, name: str) -> None:
         check_name(name)
         if name in self.broken:

@@ -101,7 +101,7 @@ def create_app(engine, registry, tokenizer, *, model_name: str, context_length: 
         """The request's model as a metrics label; names that were refused share one label (bounded)."""
         if model == model_name or status < 400:
             return model
-        return model if status not in (400, 404) and model in registry.names() else "_invalid"
+        return model if status not in (400, 404) and registry.has(model) else "_invalid"
 
     app.add_middleware(BodyLimit, limit=max_body_bytes,
                        on_reject=lambda path: metrics.observe("_invalid", endpoint_of(path), 413, 0.0))
@@ -210,6 +210,11 @@ def create_app(engine, registry, tokenizer, *, model_name: str, context_length: 
         if tail := stream.finish():
             yield tail
 
+    def used_tokens(handles: list, streams: list[TextStream]) -> int:
+        """Completion tokens as the client got them: a reply cut by a stop string counts the tokens up to the
+        match, not those the engine made before the cancel reached it (a number that depends on timing)."""
+        return sum(len(s.ids) if s.stopped else h.completion_tokens for h, s in zip(handles, streams))
+
     def finish_reason(handle, stream: TextStream) -> str:
         return "stop" if stream.stopped else (handle.finish_reason or "stop")
 
@@ -238,7 +243,7 @@ def create_app(engine, registry, tokenizer, *, model_name: str, context_length: 
                     recorded = True
                     metrics.observe(model_label(req.model, status), endpoint, status, time.perf_counter() - t0,
                                     sum(h.prompt_tokens for h in handles[::req.n]),
-                                    sum(h.completion_tokens for h in handles))
+                                    used_tokens(handles, streams))
 
             body = sse(request, req, handles, streams, rid, chat, record)
             return _EventStream(body, handles, lambda: record(499))
@@ -247,7 +252,7 @@ def create_app(engine, registry, tokenizer, *, model_name: str, context_length: 
         try:
             texts = await asyncio.gather(*(collect(h, s) for h, s in zip(handles, streams)))
             usage = Usage(prompt_tokens=sum(h.prompt_tokens for h in handles[::req.n]),
-                          completion_tokens=sum(h.completion_tokens for h in handles), total_tokens=0)
+                          completion_tokens=used_tokens(handles, streams), total_tokens=0)
             usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
             reasons = [finish_reason(h, s) for h, s in zip(handles, streams)]
             if chat:
@@ -320,7 +325,7 @@ def create_app(engine, registry, tokenizer, *, model_name: str, context_length: 
                 yield chunk(index, piece, reason)
             if req.stream_options is not None and req.stream_options.include_usage:
                 usage = Usage(prompt_tokens=sum(h.prompt_tokens for h in handles[::req.n]),
-                              completion_tokens=sum(h.completion_tokens for h in handles), total_tokens=0)
+                              completion_tokens=used_tokens(handles, streams), total_tokens=0)
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
                 cls = ChatCompletionChunk if chat else Completion
                 yield f"data: {cls(id=rid, created=created, model=req.model, choices=[], usage=usage).model_dump_json()}\n\n"

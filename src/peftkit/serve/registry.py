@@ -158,6 +158,15 @@ class AdapterRegistry:
                     found.add(name)
         return sorted(found)
 
+    def has(self, name: str) -> bool:
+        """Whether `name` is a servable adapter, looking at that one name only (names() scans the directory)."""
+        try:
+            check_name(name)
+        except AdapterError:
+            return False
+        folder = self._folder(name)
+        return folder is not None and self._servable(name, folder)
+
     def _servable(self, name: str, folder: str) -> bool:
         """False for a folder whose files lead outside adapter_dir (invalid content still shows, and a 422
         on use says why)."""
