@@ -185,8 +185,8 @@ def test_configs_of_the_wrong_types_and_overflowing_scales_are_422_and_remembere
         code, message = status(registry.acquire, "alpha")
         assert code == 422 and reason in message, message
     parses = []
-    real = registry._parse
-    monkeypatch.setattr(registry, "_parse", lambda *a: parses.append(1) or real(*a))
+    real = registry_module.parse_adapter
+    monkeypatch.setattr(registry_module, "parse_adapter", lambda *a: parses.append(1) or real(*a))
     assert status(registry.acquire, "alpha")[0] == 422 and parses == []  # remembered until the files change
     assert registry.stats()["load_errors"] == 4
     assert registry.acquire("beta").slot >= 0  # the others are served as before

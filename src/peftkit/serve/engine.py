@@ -22,9 +22,9 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kv import cache_length, kv_tensors, left_pad, new_cache
 from .registry import AdapterRegistry, Lease
 from .request import EngineClosed, GenRequest, Handle, QueueFull
 
@@ -339,8 +339,8 @@ class Engine:
         parts = ([(self._rows, kv_tensors(self._cache))] if self._rows else []) + [([r], kv) for r, kv in joining]
         T = max(kv[0][0].shape[-2] for _, kv in parts)
         self._rows = [r for rows, _ in parts for r in rows]
-        self._cache = new_cache([(torch.cat([_left_pad(kv[i][0], T) for _, kv in parts]),
-                                  torch.cat([_left_pad(kv[i][1], T) for _, kv in parts]))
+        self._cache = new_cache([(torch.cat([left_pad(kv[i][0], T) for _, kv in parts]),
+                                  torch.cat([left_pad(kv[i][1], T) for _, kv in parts]))
                                  for i in range(len(parts[0][1]))])
 
     def _keep(self, keep: list[int]) -> None:
@@ -366,11 +366,6 @@ class Engine:
             self._keep(keep)
 
 
-def _left_pad(t: Tensor, length: int) -> Tensor:
-    """(B, H, L, D) -> (B, H, length, D), zeros in front."""
-    return F.pad(t, (0, 0, length - t.shape[-2], 0))
-
-
 def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """One token from logits (V,): argmax when temperature is 0, else softmax(logits / T) restricted to the
     smallest set of most likely tokens whose probability reaches top_p, drawn with `generator`."""
@@ -383,33 +378,3 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Ge
     keep = (sorted_p.cumsum(0) - sorted_p) < top_p  # the first token is always kept
     choice = torch.multinomial(sorted_p * keep, 1, generator=generator)
     return int(order[choice])
-
-
-# --- a small adapter over transformers' cache classes (4.x: key_cache lists; 5.x: layers[i].keys) ---------
-def new_cache(kv: list[tuple[Tensor, Tensor]]):
-    """A DynamicCache holding these (B, H, T, D) keys and values per layer (empty list: an empty cache)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k[:, :, :0], v[:, :, :0], i)  # creates layer i without copying the data
-    if hasattr(cache, "layers"):
-        for layer, (k, v) in zip(cache.layers, kv):
-            layer.keys, layer.values = k, v
-    else:
-        cache.key_cache[:] = [k for k, _ in kv]
-        cache.value_cache[:] = [v for _, v in kv]
-    return cache
-
-
-def kv_tensors(cache) -> list[tuple[Tensor, Tensor]]:
-    if cache is None:
-        return []
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
-def cache_length(cache) -> int:
-    kv = kv_tensors(cache)
-    return kv[0][0].shape[-2] if kv else 0
