@@ -66,6 +66,7 @@ class Engine:
         self.vocab_size = getattr(config, "vocab_size", None)
         self.device = next(model.parameters()).device
         self._cond = threading.Condition()
+        self._count_lock = threading.Lock()
         self._queue: deque[_Row] = deque()
         self._rows: list[_Row] = []
         self._cache = None  # the batch's transformers cache, (B, H, T, D) per layer, left-padded
@@ -325,9 +326,10 @@ class Engine:
         if row.lease is not None:
             row.lease.release()
             row.lease = None
-        self._stats["completed"] += 1
-        if reason == "error":
-            self._stats["errors"] += 1
+        with self._count_lock:  # _end also runs on HTTP threads (a queued request cancelled there)
+            self._stats["completed"] += 1
+            if reason == "error":
+                self._stats["errors"] += 1
         row.handle._finish(reason, error)
 
     # --- the batch's cache --------------------------------------------------------------------------
