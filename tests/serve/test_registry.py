@@ -74,7 +74,7 @@ def test_symlinks_leading_out_of_the_directory_are_404_and_open_nothing(adapter_
     os.symlink(adapter_dir / "alpha", adapter_dir / "alias")  # a link that stays inside is fine
     opened = []
     real_read = registry_module._read
-    monkeypatch.setattr(registry_module, "_read", lambda p: opened.append(p) or real_read(p))
+    monkeypatch.setattr(registry_module, "_read", lambda p, root=None: opened.append(p) or real_read(p, root))
     registry = new_registry(adapter_dir)
     assert registry.names() == ["alias", "alpha", "beta", "gamma"]  # neither "evil" nor "half"
     for name in ("evil", "half"):
@@ -148,6 +148,26 @@ def test_pinned_adapters_are_never_evicted(adapter_dir):
     torch.testing.assert_close(logits(registry, a.slot), a_out, atol=0, rtol=0)
 
 
+def test_a_folder_swapped_for_a_symlink_after_the_check_is_not_read(adapter_dir, tmp_path, monkeypatch):
+    """The race a local writer could run: the realpath check passes, then the folder becomes a symlink to
+    files outside before the open. The opened file's real path is checked too."""
+    outside = tmp_path / "outside"
+    shutil.copytree(adapter_dir / "alpha", outside)
+    registry = new_registry(adapter_dir, max_loaded=2)
+    real_read = registry_module._read
+
+    def swap_then_read(path, root=None):
+        folder = adapter_dir / "alpha"
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+            folder.symlink_to(outside, target_is_directory=True)
+        return real_read(path, root)
+
+    monkeypatch.setattr(registry_module, "_read", swap_then_read)
+    code, message = status(registry.acquire, "alpha")
+    assert code == 404 and "outside" in message and str(tmp_path) not in message
+
+
 def test_reload_on_content_change_keeps_old_leases_on_the_old_weights(adapter_dir):
     registry = new_registry(adapter_dir, max_loaded=4)
     old = registry.acquire("alpha")
@@ -216,7 +236,7 @@ def test_corrupt_file_is_422_and_others_keep_working(adapter_dir, monkeypatch):
     assert code == 422 and "corrupt or truncated" in message and str(adapter_dir) not in message
     reads = []
     real_read = registry_module._read
-    monkeypatch.setattr(registry_module, "_read", lambda p: reads.append(p) or real_read(p))
+    monkeypatch.setattr(registry_module, "_read", lambda p, root=None: reads.append(p) or real_read(p, root))
     assert status(registry.acquire, "alpha")[0] == 422 and not reads  # the failure is remembered, not re-read
     assert registry.stats()["load_errors"] == 1
     assert torch.equal(logits(registry, beta.slot), beta_out)

@@ -252,7 +252,7 @@ class AdapterRegistry:
                     raise AdapterError(failed[1].status, failed[1].message)  # a fresh object per request
             start = time.perf_counter()
             try:
-                raw = [_read(path) for path in files]
+                raw = [_read(path, None if name in self.explicit else self.root) for path in files]
                 key = _content_key(*raw)
                 with self._lock:
                     entry = self._entries.get(name)
@@ -336,14 +336,24 @@ def _signature(files: tuple[str, str]) -> tuple:
     return tuple(out)
 
 
-def _read(path: str) -> bytes:
-    """The file's bytes, opened without following a symlink at its last component."""
+def _read(path: str, root: str | None = None) -> bytes:
+    """The file's bytes, opened without following a symlink at its last component. With `root`, the file that
+    was actually opened must lie inside it: a folder swapped for a symlink between the check and the open (a
+    local writer racing the server) is refused instead of read (Linux: the open descriptor's real path)."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
     except OSError as err:
         raise AdapterError(422, f"{os.path.basename(path)} cannot be read ({err.strerror})") from None
     with os.fdopen(fd, "rb") as f:
+        if root is not None:
+            try:
+                opened = os.readlink(f"/proc/self/fd/{f.fileno()}")
+            except OSError:  # no /proc: the realpath checks before the open are what there is
+                opened = None
+            if opened is not None and not opened.startswith(root + os.sep):
+                raise AdapterError(404, f"{os.path.basename(path)} leads outside the adapter directory; copy the "
+                                        "adapter into it instead of linking")
         return f.read()
 
 
