@@ -68,6 +68,21 @@ def test_dropout_hooks_and_inference_keep_the_plain_path():
     base.register_forward_hook(lambda *a: None)
     assert not lora_fused.fusable(base, x, A, 0.0, True)  # a hook (FSDP's, a user's) must still run
     assert not lora_fused.fusable(nn.Linear(4, 4).double(), x.double(), A, 0.0, True)  # mixed dtypes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not lora_fused.fusable(nn.Linear(4, 4), x, A, 0.0, True)  # autocast changes dtypes inside
+
+
+def test_training_under_autocast_takes_the_module_path():
+    """A user's autocast region: the fused nodes step aside and the loss still trains."""
+    from peftkit.train.loss import sum_token_loss
+
+    model = tiny_llama().train()
+    peftkit.inject(model, peftkit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids, mask, labels = _padded_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, n = sum_token_loss(model, ids, mask, labels)
+    (total / n).backward()
+    assert all(p.grad is not None for n_, p in model.named_parameters() if p.requires_grad)
 
 
 def _padded_batch(vocab: int = 128):

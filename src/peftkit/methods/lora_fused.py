@@ -115,9 +115,17 @@ def rows_for(x: Tensor) -> _Rows | None:
     return rows
 
 
+def _autocast_on(x: Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # older torch: one flag
+        return torch.is_autocast_enabled()
+
+
 def fusable(base: nn.Module, x: Tensor, A: Tensor, dropout: float, training: bool) -> bool:
     """Whether the fused node computes exactly what the module would: a plain nn.Linear (no hooks, so no
-    FSDP or user hook is bypassed), no active dropout, one dtype throughout, and gradients wanted."""
+    FSDP or user hook is bypassed), no active dropout, one dtype throughout (and no autocast, which would
+    change the dtypes inside the node), and gradients wanted."""
     return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
             and (dropout == 0.0 or not training) and torch.is_grad_enabled() and A.requires_grad
-            and x.dtype == A.dtype == base.weight.dtype and x.device == A.device)
+            and x.dtype == A.dtype == base.weight.dtype and x.device == A.device and not _autocast_on(x))
