@@ -145,10 +145,6 @@ class SlotBank:
         self._state = state
         self.capacity = 0
 
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of every wrapped layer, by module path."""
-        return {path: (layer.in_features, layer.out_features) for path, layer in self.layers.items()}
-
     def write(self, slot: int, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
         """Load one adapter into `slot`: factors maps a module path to (A (r, in), scaled B (out, r)); every
         other layer gets zeros there. The caller guarantees that no running row uses `slot`."""
@@ -162,11 +158,6 @@ class SlotBank:
         for path, layer in self.layers.items():
             A, B = factors.get(path, (None, None))
             layer.write(slot, self.capacity, A, B)
-
-    def clear(self, slot: int) -> None:
-        """Zero `slot` in every layer (not needed for correctness: a write overwrites it all)."""
-        if slot < self.capacity:
-            self.write(slot, {})
 
     def nbytes(self) -> int:
         """Bytes the slots hold now, in every layer (padding and free slots included)."""

@@ -67,7 +67,7 @@ def build_server(args: argparse.Namespace):
     import torch
 
     from ..models import load_model
-    from ..train.infer import _stop_ids
+    from ..train.infer import _stop_ids, _torch_dtype
     from .app import create_app
     from .engine import Engine
     from .registry import AdapterRegistry
@@ -75,7 +75,7 @@ def build_server(args: argparse.Namespace):
     adapters = parse_adapters(args.adapter)
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise FileNotFoundError(f"--adapter-dir {args.adapter_dir!r} is not a directory; create it or fix the path")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = _torch_dtype(args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=dtype, quantize=args.quantize)

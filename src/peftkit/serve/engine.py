@@ -224,8 +224,7 @@ class Engine:
 
     def _admit(self, row: _Row) -> tuple[_Row, list[tuple[Tensor, Tensor]]] | None:
         """Prefill one request alone: (the row, its cache) to join the batch, or None when it already ended."""
-        if row.handle.cancelled.is_set():
-            self._end(row, "cancelled")
+        if self._ended_by_cancel(row):
             return None
         prompt = row.req.prompt_ids
         n = len(prompt)
