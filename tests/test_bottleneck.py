@@ -19,7 +19,7 @@ from peftkit.methods.bottleneck import (
     merge_check,
     unload_bottleneck,
 )
-from peftkit.methods.bottleneck_io import (
+from peftkit.methods.bottleneck import (
     bottleneck_state_dict,
     load_bottleneck,
     save_bottleneck,

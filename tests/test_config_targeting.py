@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_gpt2, tiny_llama, tiny_mlp
 
 import peftkit
-from peftkit.config import LoraConfig
+from peftkit.methods.lora import LoraConfig
 from peftkit.targeting import select_targets
 
 
@@ -98,8 +98,8 @@ def test_peft_dict_roundtrip_ignores_unknown_keys():
     d["some_future_field"] = {"x": 1}
     assert LoraConfig.from_peft_dict(d) == cfg
     with pytest.raises(ValueError, match="IA3"):
-        peftkit.config.config_from_peft_dict({"peft_type": "IA3"})
-    assert peftkit.config.config_from_peft_dict({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 5}
+        peftkit.registry.config_from_peft_dict({"peft_type": "IA3"})
+    assert peftkit.registry.config_from_peft_dict({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 5}
                                                  ).num_virtual_tokens == 5
     with pytest.raises(ValueError, match="layer_replication"):
         LoraConfig.from_peft_dict({**d, "layer_replication": [[0, 1]]})

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import inputs, nonzero_adapter, run, tiny_gpt2, tiny_llama
+from conftest import LazyImport, inputs, nonzero_adapter, run, tiny_gpt2, tiny_llama
 from torch import nn
 
 import peftkit
-from peftkit.inject import lora_layers
+from peftkit.methods.lora import lora_layers
 
 ATOL = 1e-5
 
@@ -288,7 +288,7 @@ def test_nf4_base_equals_its_dense_dequantized_twin():
 
 
 # --- HF PEFT's files and numerics ------------------------------------------------------------------------
-peft = pytest.importorskip("peft")
+peft = LazyImport("peft", optional=True)  # imported by the first test that uses it
 
 CASES = {
     "llama-linear-and-embedding": (tiny_llama, {"target_modules": ["q_proj", "v_proj", "down_proj",

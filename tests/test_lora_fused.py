@@ -7,7 +7,7 @@ from conftest import tiny_llama
 from torch import nn
 
 import peftkit
-from peftkit.methods import lora_fused
+from peftkit.methods.lora import fused as lora_fused
 
 FUSABLE = lora_fused.fusable
 

@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_llama
 
 import peftkit
-from peftkit.methods import lora_fused, lora_mlp
+from peftkit.methods.lora import fused as lora_fused
+from peftkit.methods.lora import mlp as lora_mlp
 
 
 def _model(**config):

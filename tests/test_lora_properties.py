@@ -10,7 +10,7 @@ import torch
 from conftest import inputs, nonzero_adapter, run
 
 import peftkit
-from peftkit.inject import lora_layers
+from peftkit.methods.lora import lora_layers
 from peftkit.methods.lora import LoraLayer
 
 

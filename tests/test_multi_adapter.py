@@ -7,7 +7,7 @@ import torch
 from conftest import inputs, nonzero_adapter, run, tiny_llama, tiny_mlp
 
 import peftkit
-from peftkit.inject import lora_layers
+from peftkit.methods.lora import lora_layers
 from peftkit.methods.lora import LoraLayer
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import inputs, nonzero_adapter, run, tiny_gpt2, tiny_llama
+from conftest import LazyImport, inputs, nonzero_adapter, run, tiny_gpt2, tiny_llama
 
 import peftkit
 
-peft = pytest.importorskip("peft")
+peft = LazyImport("peft", optional=True)  # imported by the first test that uses it
 ATOL = 1e-5
 
 CASES = {

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_mlp
+from conftest import LazyImport, tiny_gpt2, tiny_llama, tiny_mlp
 from torch import nn
 
 import peftkit
@@ -21,7 +21,7 @@ from peftkit.methods.prefix import (
     set_prefix_enabled,
 )
 
-peft = pytest.importorskip("peft")
+peft = LazyImport("peft", optional=True)  # imported by the first test that uses it
 ATOL = 1e-4
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 P = 3

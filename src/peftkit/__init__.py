@@ -6,6 +6,7 @@
     peftkit.save_adapter(model, "out/adapter")
 """
 
+from . import methods  # registers the built-in methods (LoRA/DoRA, bottleneck, prefix)
 from .adapters import (
     active_adapters,
     delete_adapter,
@@ -16,13 +17,12 @@ from .adapters import (
     summary,
     trainable_parameters,
 )
-from .methods.bottleneck_io import bottleneck_state_dict, load_bottleneck, save_bottleneck
 from .checkpoint import adapter_state_dict, load_adapter, read_adapter, save_adapter
-from .config import LoraConfig
 from .inject import inject
-from .merge import combine, merge, merge_and_unload, merged_adapters, unmerge
-from .methods.bottleneck import BottleneckConfig, BottleneckLayer, inject_bottleneck, unload_bottleneck
-from .methods.lora import LoraLayer, WeightAccess
+from .merge import merge, merge_and_unload, merged_adapters, unmerge
+from .methods.bottleneck import (BottleneckConfig, BottleneckLayer, bottleneck_state_dict, inject_bottleneck,
+                                 load_bottleneck, save_bottleneck, unload_bottleneck)
+from .methods.lora import LoraConfig, LoraLayer, WeightAccess, combine
 from .methods.prefix import (
     PrefixConfig,
     fold_prefix,

@@ -1,4 +1,6 @@
-"""Several adapters on one model: which are active, switching them off, per-row routing, counting."""
+"""Several adapters on one model: which are active, switching them off, per-row routing, counting.
+Every function works through the adapter holders' shared protocol (`peftkit.record.AdapterHolder`), so it
+applies to every registered method alike."""
 
 from __future__ import annotations
 
@@ -7,24 +9,13 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .inject import configs, mark_trainable, remove_wrappers, require_adapter, wrappers
-from .methods.lora import LoraLayer
+from .merge import merge, merged_adapters, unmerge
+from .record import (active_adapters, configs, drop_empty_containers, forget, holders, mark_trainable, remove_wrappers, require_adapter,
+                     set_active, wrappers)
+from .registry import for_config
 
-
-def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Make `names` the active adapters (their LoRA terms add up; an empty list means the base alone).
-    Trainability is not changed: use `peftkit.set_trainable` for that."""
-    names = [names] if isinstance(names, str) else list(names)
-    for name in names:
-        require_adapter(model, name)
-    for _, w in wrappers(model):
-        w.set_active(tuple(names))
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    for _, w in wrappers(model):
-        return list(w.active)
-    return []
+__all__ = ["active_adapters", "delete_adapter", "disable_adapters", "per_row", "set_active", "set_trainable",
+           "summary", "trainable_parameters"]
 
 
 def set_trainable(model: nn.Module, name: str | None) -> None:
@@ -36,19 +27,15 @@ def set_trainable(model: nn.Module, name: str | None) -> None:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` and its weights; a wrapper left with no adapter becomes its base again."""
-    from .methods.prefix import prefix_configs, remove_prefix
-
-    if name in prefix_configs(model):
-        remove_prefix(model, name)
-        return
     require_adapter(model, name)
-    merged = [p for p, w in wrappers(model) if isinstance(w, LoraLayer) and name in w.merged]
+    merged = [p for p, w in wrappers(model) if name in getattr(w, "merged", ())]
     if merged:
         raise RuntimeError(f"adapter {name!r} is merged into {merged[:3]}...; unmerge(model) first")
-    for _, w in wrappers(model):
-        if name in w.adapter_names():
-            w.delete_adapter(name)
-    del configs(model)[name]
+    for _, holder in list(holders(model)):
+        if name in holder.adapter_names():
+            holder.delete_adapter(name)
+    drop_empty_containers(model)
+    forget(model, name)
     if not configs(model):
         remove_wrappers(model)
 
@@ -57,27 +44,17 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Within the block the model computes its base output exactly. Merged adapters are unmerged for
     the block and merged again after it."""
-    from .merge import merge, merged_adapters, unmerge
-
-    from .methods.prefix import set_prefix_enabled
-
     merged = merged_adapters(model)
     if merged:
         unmerge(model)
-    states = [(w, w.disabled) for _, w in wrappers(model)]
-    for w, _ in states:
-        w.set_disabled(True)
-    prefix = getattr(model, "peftkit_prefix", None)
-    prefix_before = prefix.enabled if prefix is not None else None
-    if prefix is not None:
-        set_prefix_enabled(model, False)
+    states = [(h, h.disabled) for _, h in holders(model)]
+    for h, _ in states:
+        h.set_disabled(True)
     try:
         yield
     finally:
-        for w, before in states:
-            w.set_disabled(before)
-        if prefix is not None:
-            set_prefix_enabled(model, prefix_before)
+        for h, before in states:
+            h.set_disabled(before)
         if merged:
             merge(model, merged)
 
@@ -93,18 +70,16 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     names = list(names)
     for name in {n for n in names if n is not None}:
         require_adapter(model, name)
-    from .merge import merged_adapters
-
     if merged_adapters(model):
         raise RuntimeError("per_row needs unmerged adapters; call peftkit.unmerge(model) first")
-    layers = [w for _, w in wrappers(model)]
-    for w in layers:
-        w.set_rows(names)
+    layers = [h for _, h in holders(model)]
     try:
+        for h in layers:
+            h.set_rows(names)
         yield
     finally:
-        for w in layers:
-            w.set_rows(None)
+        for h in layers:
+            h.set_rows(None)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -127,8 +102,7 @@ def summary(model: nn.Module) -> str:
     trainable, total = trainable_parameters(model)
     lines = [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"]
     for name, cfg in configs(model).items():
-        layers = [p for p, w in wrappers(model) if name in w.adapter_names()]
-        lora = f"r={cfg.r} alpha={cfg.lora_alpha} rslora={cfg.use_rslora}" if cfg.peft_type == "LORA" else None
-        what = lora or cfg.describe()  # other methods' configs describe themselves
-        lines.append(f"adapter {name!r}: {what} on {len(layers)} modules; active={name in active_adapters(model)}")
+        places = [p for p, h in holders(model) if name in h.adapter_names()]
+        lines.append(f"adapter {name!r}: {for_config(cfg).describe(cfg)} on {len(places)} modules; "
+                     f"active={name in active_adapters(model)}")
     return "\n".join(lines)

@@ -44,7 +44,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_targets(args: argparse.Namespace) -> int:
     """Which modules a target spec selects in a model, and what LoRA at rank r would add."""
-    from .config import LoraConfig
+    from .methods.lora import LoraConfig
     from .models import load_model
     from .targeting import select_targets
 

@@ -12,6 +12,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from . import hf
+
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -44,11 +46,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The dequantized weights are plain; the gguf quantization tag would block later quantized loads.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    hf.mark_dequantized(model)  # the weights are plain; the gguf quantization tag would block later quantized loads
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if target.exists():  # another process finished first
@@ -102,8 +100,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None, quantize: str | None = Non
         model = load_nf4(directory, dtype=dtype or torch.float32, double_quant=double_quant, blocksize=blocksize,
                          compute_dtype=compute_dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(directory, **hf.dtype_kwargs(dtype or torch.float32))
     model.eval()
     if name in ALIASES:  # record the public id, so saved adapters name the base PEFT users know
-        model.config._name_or_path = SMOLLM2_HUB_ID
+        hf.set_name_or_path(model, SMOLLM2_HUB_ID)
     return model, tokenizer

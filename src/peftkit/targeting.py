@@ -13,23 +13,7 @@ import re
 
 from torch import nn
 
-# Used when target_modules is None, by `model.config.model_type` (as PEFT does).
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",),
-    "gpt2": ("c_attn",),
-    "gpt_neox": ("query_key_value",),
-    "opt": ("q_proj", "v_proj"),
-}
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored (in, out). Detected by shape of
-    its API rather than by import, so the core never imports transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+from .hf import is_conv1d, lora_default_targets, model_type, output_head
 
 
 def adaptable_kind(module: nn.Module) -> str | None:
@@ -82,8 +66,7 @@ def _layer_index(name: str, layers_pattern: tuple[str, ...] | None) -> int | Non
 def output_head_names(model: nn.Module) -> set[str]:
     """Names of the output head, excluded from "all-linear" (as PEFT does)."""
     names = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
+    head = output_head(model)
     for name, module in model.named_modules():
         if head is not None and module is head:
             names.add(name)
@@ -93,11 +76,12 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
+    """LoRA's targets when target_modules is None, by `model.config.model_type` (PEFT's table, in peftkit.hf)."""
+    targets = lora_default_targets(model)
+    if targets is not None:
+        return targets
     raise ValueError(
-        f"target_modules is None and there is no default for model type {model_type!r}; "
+        f"target_modules is None and there is no default for model type {model_type(model)!r}; "
         f"pass target_modules=[...] (module names), a regex, or 'all-linear'. "
         f"Linear layers in this model include: {', '.join(_sample_names(model, linear_only=True))}"
     )
@@ -153,3 +137,10 @@ def select_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         )
     return selected
 
+
+def target_spec(spec: str) -> str | list[str]:
+    """Command-line `--target-modules` text as a config value: 'all-linear' or a regex stays a string, a comma
+    list becomes module names."""
+    if spec == "all-linear" or any(c in spec for c in "*[]()\\|^$+?"):
+        return spec
+    return [s.strip() for s in spec.split(",") if s.strip()]

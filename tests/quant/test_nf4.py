@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import LazyImport
 from peftkit.quant import nf4
 
-bnbF = pytest.importorskip("bitsandbytes.functional")
+bnbF = LazyImport("bitsandbytes.functional", optional=True)  # imported by the first test that uses it
 
 SHAPES = [(64, 64), (33, 17), (1000,), (7,), (130, 257), (4, 1, 96)]
 

@@ -10,14 +10,15 @@ import socket
 import time
 
 import httpx
-import openai
 import pytest
-from conftest import LiveServer, make_tokenizer
+from conftest import LazyImport, LiveServer, make_tokenizer
 
 from peftkit.serve.app import create_app
 from peftkit.serve import QueueFull
 from peftkit.serve.registry import AdapterError, check_name
 from peftkit.serve.textstream import TextStream
+
+openai = LazyImport("openai")  # imported by the first test that uses it
 
 SCRIPT = "The sky is blue. one two three, hi there! An apple."
 

@@ -14,15 +14,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 import torch
-from conftest import ADAPTERS, LiveServer
+from conftest import ADAPTERS, LazyImport, LiveServer
 
 import peftkit
 from peftkit.serve import AdapterRegistry, Engine
 from peftkit.serve.app import create_app
 from peftkit.train.infer import chat_prompt
+
+openai = LazyImport("openai")  # imported by the first test that uses it
 
 torch.set_num_threads(1)
 BASE = "tiny-llama"
@@ -81,14 +82,14 @@ def reference(tiny_model_dir, adapter_sources):
 def start_server(model_dir: str, adapter_dir, **kw):
     """(LiveServer, engine, registry) for the real stack on the tiny model in float64."""
     from peftkit.models import load_model
-    from peftkit.train.infer import _stop_ids
+    from peftkit.train.infer import stop_ids
 
     model, tokenizer = load_model(model_dir, dtype=torch.float64)
     registry = AdapterRegistry(model, adapter_dir=adapter_dir, max_loaded=kw.pop("max_loaded", 8), max_rank=16)
     engine = Engine(model, registry, max_batch=kw.pop("max_batch", 16), max_queue=kw.pop("max_queue", 64))
     engine.start()
     app = create_app(engine, registry, tokenizer, model_name=BASE, context_length=model.config.max_position_embeddings,
-                     stop_token_ids=tuple(_stop_ids(model, tokenizer)), **kw)
+                     stop_token_ids=tuple(stop_ids(model, tokenizer)), **kw)
     return LiveServer(app).__enter__(), engine, registry
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftkit.cli import main
-from peftkit.train import loop
+from peftkit.train import loop, recipe
 from peftkit.train import options as opts
 
 
@@ -63,17 +63,17 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run_bit_for_bit(tiny_model
     loop.train(run_opts(tiny_model_dir, qa_jsonl, straight))
 
     crashed = tmp_path / "crashed"
-    real_save = loop._save
+    real_save = recipe.save_checkpoint
 
     def save_then_die(out, step, *args, **kw):
         real_save(out, step, *args, **kw)
         if step == 4:
             raise KeyboardInterrupt("simulated crash right after the step-4 checkpoint")
 
-    monkeypatch.setattr(loop, "_save", save_then_die)
+    monkeypatch.setattr(recipe, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         loop.train(run_opts(tiny_model_dir, qa_jsonl, crashed))
-    monkeypatch.setattr(loop, "_save", real_save)
+    monkeypatch.setattr(recipe, "save_checkpoint", real_save)
     torch.manual_seed(1234)  # whatever the process did since, resume restores the random state
     loop.train(run_opts(tiny_model_dir, qa_jsonl, crashed, resume="latest"))
 

@@ -7,13 +7,13 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import LazyImport, tiny_llama
 
 import peftkit
 from peftkit.train.loop import make_optimizer
 from peftkit.train.loss import sum_token_loss
 
-peft = pytest.importorskip("peft")
+peft = LazyImport("peft", optional=True)  # imported by the first test that uses it
 
 
 def _instruction_batch():

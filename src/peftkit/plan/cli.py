@@ -32,7 +32,7 @@ def _size(n: float) -> str:
 
 def render(est: memory.Estimate) -> str:
     s, shape = est.settings, est.shape
-    adapter = f" r={s.r} on {', '.join(s.target_names(shape))}" if s.method in ("lora", "dora", "qlora") else ""
+    adapter = f" r={s.r} on {', '.join(s.target_names(shape))}" if memory.ranked(s.method) else ""
     sharded = " (states sharded)" if s.num_gpus > 1 and s.method == "full" else ""
     lines = [f"{shape.name}: {shape.total_params() / 1e9:.3f}B parameters, {shape.num_layers} layers, hidden "
              f"{shape.hidden_size}, MLP {shape.intermediate_size}, {shape.num_heads} heads "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .memory import Estimate, Settings, estimate
+from .memory import Estimate, Settings, estimate, ranked
 from .presets import ModelShape
 
 GIB = 2**30
@@ -65,7 +65,7 @@ def table(est: Estimate) -> list[dict]:
 def recommend(est: Estimate) -> str:
     """A few sentences: which card to use, and what to change when nothing fits."""
     s, shape, total = est.settings, est.shape, est.total / GIB
-    what = f"{s.method} on {shape.name}" + (f" (r={s.r})" if s.method in ("lora", "dora", "qlora") else "")
+    what = f"{s.method} on {shape.name}" + (f" (r={s.r})" if ranked(s.method) else "")
     if s.num_gpus > 1:
         what += f" on each of {s.num_gpus} GPUs"
     holding = [g for g in GPUS if fit(est.total, g) != "no"]

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import registry
 from .presets import ModelShape
 
-METHODS = ("full", "lora", "dora", "qlora", "bottleneck", "prefix")
+FULL = "full"  # full fine-tuning: every weight trains; the other methods come from the registry
+METHODS = (FULL, *registry.train_names())
 OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2.0, "sgd": 4.0, "sgd-nomomentum": 0.0}  # state bytes per parameter
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_BYTES = {"cuda": 0.5 * 2**30, "cpu": 330 * 2**20}  # CUDA context + kernels; Python + torch + transformers
@@ -64,19 +66,8 @@ class Settings:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 < self.answer_fraction <= 1.0:
             problems.append(f"answer_fraction must be in (0, 1], got {self.answer_fraction}")
-        if self.method in ("lora", "dora", "qlora"):
-            unknown = sorted(set(self.target_names(shape)) - set(shape.linears()))
-            if unknown or not self.target_names(shape):
-                problems.append(f"targets {unknown or list(self.targets)} are not linear layers of {shape.name} "
-                                f"(its layers: {', '.join(shape.linears())}; or 'all-linear', 'attention')")
-            chosen = self.target_names(shape)
-            too_big = [n for n, (i, o) in shape.linears().items() if n in chosen and self.r > min(i, o)]
-            if too_big:
-                problems.append(f"rank {self.r} is larger than the layers {', '.join(too_big)} "
-                                f"(smallest side {min(min(shape.linears()[n]) for n in too_big)}): a rank above it "
-                                "adds parameters but no expressive power")
-        if self.method == "bottleneck" and self.reduction_factor > shape.hidden_size:
-            problems.append(f"reduction_factor {self.reduction_factor} exceeds the hidden size {shape.hidden_size}")
+        if self.method != FULL and self.method in METHODS:
+            problems += registry.by_train_name(self.method).plan.problems(shape, self)
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -111,7 +102,7 @@ class Estimate:
 
     def to_dict(self) -> dict:
         gib, s = 2**30, self.settings
-        targets = list(s.target_names(self.shape)) if s.method in ("lora", "dora", "qlora") else None
+        targets = list(s.target_names(self.shape)) if ranked(s.method) else None
         return {"model": self.shape.name, "settings": s.__dict__ | {"targets": targets},
                 "parts_gib": {k: round(v / gib, 4) for k, v in self.parts.items()},
                 "total_gib": round(self.total / gib, 4), "trainable_params": self.trainable_params,
@@ -119,26 +110,28 @@ class Estimate:
                 "output_file_bytes": int(self.output_bytes)}
 
 
+def ranked(method: str) -> bool:
+    """Whether a --method name has a rank and target layers."""
+    return method != FULL and registry.by_train_name(method).ranked
+
+
+def quantized_base(method: str) -> bool:
+    """Whether a --method name keeps its frozen base in NF4."""
+    return method in registry.nf4_train_names()
+
+
 def adapter_params(shape: ModelShape, s: Settings) -> int:
     """Trainable parameters the method adds (all parameters for full fine-tuning)."""
-    if s.method == "full":
+    if s.method == FULL:
         return shape.total_params()
-    if s.method in ("lora", "dora", "qlora"):
-        per_block = sum(s.r * (i + o) + (o if s.method == "dora" else 0)
-                        for n, (i, o) in shape.linears().items() if n in s.target_names(shape))
-        return per_block * shape.num_layers
-    if s.method == "bottleneck":
-        width = max(1, shape.hidden_size // s.reduction_factor)
-        per_adapter = 2 * shape.hidden_size * width + width + shape.hidden_size
-        return per_adapter * shape.num_layers * (2 if s.variant == "houlsby" else 1)
-    return s.num_virtual_tokens * shape.num_layers * 2 * shape.num_kv_heads * shape.dim_per_head  # prefix
+    return registry.by_train_name(s.method).plan.trainable(shape, s)
 
 
 def _weights(shape: ModelShape, s: Settings) -> tuple[float, float]:
     """(weights, quantization statistics) in bytes: the base plus the adapter's own parameters."""
     act = DTYPES[s.dtype]
-    extra = 0 if s.method == "full" else adapter_params(shape, s) * DTYPES[s.adapter_dtype]
-    if s.method != "qlora":
+    extra = 0 if s.method == FULL else adapter_params(shape, s) * DTYPES[s.adapter_dtype]
+    if not quantized_base(s.method):
         return shape.total_params() * act + extra, 0.0
     linear = shape.num_layers * shape.block_linear_params()
     blocks = linear / s.blocksize
@@ -157,23 +150,9 @@ def _layer_activations(shape: ModelShape, s: Settings) -> float:
     total = 2 * h * act + 2 * fp32 + 4 * d * act + shape.num_heads * fp32
     total += (3 if shape.gated_mlp else 1) * i * act
     width = {"ln1": h, "attn": 0, "ln2": h, "mid": i}  # o_proj's input is a view of SDPA's output
-    if s.method == "full":  # every linear input, and the normalised states the norm weights multiply
+    if s.method == FULL:  # every linear input, and the normalised states the norm weights multiply
         return total + sum(width.values()) * act + 2 * h * act
-    if s.method in ("lora", "dora", "qlora"):
-        names = s.target_names(shape)
-        group = {"q_proj": "ln1", "k_proj": "ln1", "v_proj": "ln1", "o_proj": "attn", "gate_proj": "ln2",
-                 "up_proj": "ln2", "down_proj": "mid"}
-        if adt == act:  # adapters read the layer's own tensors: one saved copy per distinct input
-            total += sum(width[g] for g in {group[n] for n in names}) * act
-        else:  # each adapter casts its input to its own dtype and autograd keeps that copy
-            total += sum(shape.linears()[n][0] for n in names) * adt
-        total += len(names) * s.r * act  # A's output, as B reads it
-        if s.method == "dora":
-            total += sum(o for n, (_, o) in shape.linears().items() if n in names) * 2 * act
-    elif s.method == "bottleneck":
-        width_b = max(1, h // s.reduction_factor)
-        total += (2 if s.variant == "houlsby" else 1) * (h + 2 * width_b) * adt
-    return total
+    return total + registry.by_train_name(s.method).plan.activations(shape, s, width, act, adt)
 
 
 def _head_temporary(shape: ModelShape, s: Settings, tokens: int) -> float:
@@ -189,10 +168,10 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     parts: dict[str, float] = {}
     weights, stats = _weights(shape, s)
     trainable = adapter_params(shape, s)
-    tbytes = DTYPES[s.dtype] if s.method == "full" else DTYPES[s.adapter_dtype]
+    tbytes = DTYPES[s.dtype] if s.method == FULL else DTYPES[s.adapter_dtype]
     grads = trainable * tbytes
     optim = trainable * OPTIMIZERS[s.optimizer]
-    if s.num_gpus > 1 and s.method == "full":  # FSDP / ZeRO-3: each GPU holds 1/n of the states
+    if s.num_gpus > 1 and s.method == FULL:  # FSDP / ZeRO-3: each GPU holds 1/n of the states
         weights, grads, optim = weights / s.num_gpus, grads / s.num_gpus, optim / s.num_gpus
 
     tokens = s.batch_size * s.seq_len
@@ -206,11 +185,11 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
         saved = shape.num_layers * per_layer + outside
     layer_grads = tokens * (3 * h + 3 * shape.intermediate_size) * act
     dequant = 0.0
-    if s.method == "qlora":  # one dense copy of the largest 4-bit weight (fp32 scratch, then the compute dtype)
+    if quantized_base(s.method):  # one dense copy of the largest 4-bit weight (fp32 scratch, then the compute dtype)
         biggest = max(a * b for a, b in shape.linears().values())
         dequant = biggest * (4 + (act if act < 4 else 0))
     temporary = max(_head_temporary(shape, s, tokens), layer_grads + dequant)
-    if s.method == "full":
+    if s.method == FULL:
         # Backward writes the gradients as it frees the activations, output head first. The peak is either
         # early (all activations, the head's gradient) or late (all gradients, little else).
         head_grad = shape.vocab_size * shape.hidden_size * tbytes / (s.num_gpus if s.num_gpus > 1 else 1)
@@ -226,6 +205,6 @@ def estimate(shape: ModelShape, s: Settings) -> Estimate:
     parts["activations"] = saved
     parts["temporary buffers"] = temporary
     parts["runtime"] = RUNTIME_BYTES[s.device]
-    output = shape.total_params() * act if s.method == "full" else trainable * DTYPES[s.adapter_dtype] + 1024
-    return Estimate(shape, s, parts, trainable, shape.total_params() + (0 if s.method == "full" else trainable),
+    output = shape.total_params() * act if s.method == FULL else trainable * DTYPES[s.adapter_dtype] + 1024
+    return Estimate(shape, s, parts, trainable, shape.total_params() + (0 if s.method == FULL else trainable),
                     output)

@@ -27,11 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import registry
 from ..train import options as opts
 from . import sweep_report
 from .sweep_report import rank_trials, recommend, suggest_rank
 
-RANKED_METHODS = ("lora", "qlora", "dora")  # the others have no rank: one candidate each
+# methods with a rank get one candidate per rank; the others one candidate each
+RANKED_METHODS = tuple(n for n in registry.train_names() if registry.by_train_name(n).ranked)
 MIN_STEPS = 3  # "a few steps": fewer than this says little about a method
 DEFAULT_MAX_STEPS = 40  # per trial, when --steps is not given and the budget allows more
 SAFETY = 1.15  # estimates are padded by this factor before a trial is started
@@ -231,10 +233,14 @@ def run_trial(c: Candidate, o: opts.TrainOptions, timeout_s: float) -> dict:
 def trial_main(out_dir: str) -> int:
     """The child process: train from <out_dir>/trial_options.json, write <out_dir>/trial_result.json."""
     out = Path(out_dir)
+    from ..train.distributed import init_distributed
     from ..train.loop import train
+    from ..train.process import configure_process
 
     try:
-        summary = train(opts.TrainOptions(**json.loads((out / "trial_options.json").read_text())))
+        o = opts.TrainOptions(**json.loads((out / "trial_options.json").read_text()))
+        configure_process(o, init_distributed(o.device))  # this process is the trial's: as `peftkit train` does
+        summary = train(o)
         result = {"status": "ok", "summary": summary}
     except (Exception, MemoryError) as err:  # noqa: BLE001 (the parent records it; the traceback goes to trial.log)
         import traceback

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..hf import is_conv1d
+from ..targeting import is_linear_like, matches, named_modules_outside_wrappers, output_head_names
 from . import nf4
-from ..targeting import is_conv1d, is_linear_like, matches, named_modules_outside_wrappers, output_head_names
 
 _local = threading.local()
 

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .. import hf
 from ..targeting import output_head_names
 from . import nf4
 from .linear import BNB_STATE, NF4Linear
@@ -47,21 +48,11 @@ def _set(model: nn.Module, key: str, value: torch.Tensor) -> None:
         raise KeyError(f"checkpoint tensor {key!r} has no place in the model")
 
 
-def _rebuild_meta_buffers(model: nn.Module) -> None:
-    """Non-persistent buffers (rotary inv_freq) are not in checkpoints: build those modules again on CPU."""
-    for name, module in list(model.named_modules()):
-        if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
-            fresh = type(module)(config=model.config)
-            for bname, buf in fresh.named_buffers(recurse=False):
-                module._buffers[bname] = buf
-
-
 def _finish(model: nn.Module, config, directory: Path) -> nn.Module:
     """After tensors were placed into a meta-device skeleton: tie weights, rebuild non-persistent buffers,
     refuse if anything is still without data, freeze."""
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    _rebuild_meta_buffers(model)
+    hf.tie_embeddings_if_configured(model, config)
+    hf.rebuild_nonpersistent_buffers(model)
     left = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
     if left:
         raise ValueError(f"checkpoint in {directory} lacks tensors for: {left[:8]}")
@@ -79,7 +70,7 @@ def load_nf4(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, d
         raise FileNotFoundError(f"no .safetensors files in {directory}; NF4 streaming needs safetensors weights")
     config = AutoConfig.from_pretrained(directory)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, **hf.dtype_kwargs(dtype))
     heads = output_head_names(model)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in heads}
     pending_bias: dict[str, torch.Tensor] = {}
@@ -123,7 +114,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, format: str =
 
     from safetensors.torch import save_model
 
-    from ..inject import configs
+    from ..record import configs
 
     if configs(model):
         raise ValueError("the model carries adapters; save them with save_adapter and quantized base without "
@@ -138,8 +129,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, format: str =
     if format == "bnb":
         return _save_bnb(model, directory, layers)
     save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    if hasattr(model, "config"):
-        model.config.save_pretrained(directory)
+    hf.save_config(model, directory)
     (directory / QUANT_CONFIG).write_text(json.dumps({"method": "nf4", "layers": layers}, indent=1))
     return directory
 
@@ -196,8 +186,7 @@ def _load_bnb(directory: Path) -> nn.Module:
         raise ValueError(f"{directory}: bnb_4bit_quant_type {qconfig.get('bnb_4bit_quant_type')!r}; only nf4 is read")
     compute = getattr(torch, str(qconfig.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch."))
     config = AutoConfig.from_pretrained(directory)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    hf.drop_quantization_config(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     state: dict[str, torch.Tensor] = {}
@@ -232,13 +221,9 @@ def _save_bnb(model: nn.Module, directory: Path, layers: dict) -> Path:
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})
     first = next(iter(layers.values()))
-    model.config.quantization_config = {
+    hf.save_config(model, directory, quantization_config={
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
         "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": first["double_quant"],
         "bnb_4bit_compute_dtype": first["compute_dtype"], "bnb_4bit_quant_storage": "uint8",
-    }
-    try:
-        model.config.save_pretrained(directory)
-    finally:
-        del model.config.quantization_config
+    })
     return directory

@@ -9,37 +9,47 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from .limits import ApiError
+
+router = APIRouter(prefix="/admin/adapters")
 
 
 def add_admin_routes(app: FastAPI, registry, token: str) -> None:
     """GET /admin/adapters, POST /admin/adapters/{name}/load, DELETE /admin/adapters/{name}: Bearer `token`.
     Without an admin token these routes do not exist (404), so an open server cannot be reconfigured."""
+    app.state.admin_registry, app.state.admin_token = registry, token
+    app.include_router(router)
 
-    def auth(request: Request) -> None:
-        check_bearer(request.headers.get("authorization"), token)
 
-    @app.get("/admin/adapters")
-    async def loaded(request: Request):
-        auth(request)
-        return {"object": "list", "data": await run_in_threadpool(registry.info),
-                "available": await run_in_threadpool(registry.names), "stats": registry.stats()}
+def authorized(request: Request):
+    """The registry to administer, once the request's Bearer token matched the server's (401 otherwise)."""
+    check_bearer(request.headers.get("authorization"), request.app.state.admin_token)
+    return request.app.state.admin_registry
 
-    @app.post("/admin/adapters/{name}/load")
-    async def load(name: str, request: Request):
-        auth(request)
-        return await run_in_threadpool(registry.load, name)
 
-    @app.delete("/admin/adapters/{name}")
-    async def unload(name: str, request: Request):
-        auth(request)
-        if not await run_in_threadpool(registry.unload, name):
-            raise ApiError(404, f"adapter {name!r} is not loaded, so there is nothing to unload; GET /admin/adapters "
-                           "lists the loaded ones", code="not_loaded")
-        return {"name": name, "unloaded": True}
+@router.get("")
+async def loaded(request: Request):
+    registry = authorized(request)
+    return {"object": "list", "data": await run_in_threadpool(registry.info),
+            "available": await run_in_threadpool(registry.names), "stats": registry.stats()}
+
+
+@router.post("/{name}/load")
+async def load(name: str, request: Request):
+    registry = authorized(request)
+    return await run_in_threadpool(registry.load, name)
+
+
+@router.delete("/{name}")
+async def unload(name: str, request: Request):
+    registry = authorized(request)
+    if not await run_in_threadpool(registry.unload, name):
+        raise ApiError(404, f"adapter {name!r} is not loaded, so there is nothing to unload; GET /admin/adapters "
+                       "lists the loaded ones", code="not_loaded")
+    return {"name": name, "unloaded": True}
 
 
 def check_bearer(header: str | None, token: str) -> None:

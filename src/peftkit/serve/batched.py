@@ -31,7 +31,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..config import LoraConfig
+from ..methods.lora import LoraConfig
 from ..methods.lora import WeightAccess, base_device, factor_shapes
 from ..targeting import adaptable_kind, select_targets
 

@@ -66,8 +66,9 @@ def build_server(args: argparse.Namespace):
     """(app, engine, registry, base name) from the parsed arguments; the caller starts the engine."""
     import torch
 
+    from .. import hf
     from ..models import load_model
-    from ..train.infer import _stop_ids, _torch_dtype
+    from ..train.infer import stop_ids, torch_dtype
     from .app import create_app
     from .engine import Engine
     from .registry import AdapterRegistry
@@ -75,7 +76,7 @@ def build_server(args: argparse.Namespace):
     adapters = parse_adapters(args.adapter)
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise FileNotFoundError(f"--adapter-dir {args.adapter_dir!r} is not a directory; create it or fix the path")
-    dtype = _torch_dtype(args.dtype)
+    dtype = torch_dtype(args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=dtype, quantize=args.quantize)
@@ -85,10 +86,10 @@ def build_server(args: argparse.Namespace):
                                max_rank=args.max_rank)
     engine = Engine(model, registry, max_batch=args.max_batch, max_queue=args.max_queue)
     name = served_name(args.model, args.served_name)
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
     app = create_app(engine, registry, tokenizer, model_name=name,
-                     context_length=getattr(text_config, "max_position_embeddings", None),
-                     stop_token_ids=tuple(_stop_ids(model, tokenizer)), max_tokens_limit=args.max_tokens_limit,
+                     context_length=hf.text_context_length(model),
+                     stop_token_ids=tuple(stop_ids(model, tokenizer)), max_tokens_limit=args.max_tokens_limit,
                      max_body_bytes=args.max_body_bytes, admin_token=args.admin_token)
     return app, engine, registry, name
 

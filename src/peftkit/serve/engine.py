@@ -16,7 +16,6 @@ retried row by row, so only the rows that fail on their own end with "error", an
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -24,7 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .kv import cache_length, kv_tensors, left_pad, new_cache
+from .. import hf
+from ..hf import cache_length, kv_tensors, new_cache
+from .kv import left_pad
 from .registry import AdapterRegistry, Lease
 from .request import EngineClosed, GenRequest, Handle, QueueFull
 
@@ -53,17 +54,14 @@ class Engine:
         self.bank = registry.bank
         self.max_batch = max_batch
         self.max_queue = max_queue
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5.x / 4.x
-        self._keep_arg = "logits_to_keep" in params
-        config = getattr(model, "config", None)
-        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        odd = sorted(set(getattr(text_config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"})
+        self._cache_arg = hf.cache_arg(model) or "past_key_values"
+        self._keep_arg = hf.forward_accepts(model, "logits_to_keep")
+        odd = sorted(set(hf.layer_types(model)) - hf.PLAIN_KV_LAYER_TYPES)
         if odd:
             raise ValueError(f"the batching engine keeps a plain key/value cache per attention layer; this model "
                              f"has layers of type {odd}, which it cannot batch yet. Serve an attention-only model")
-        self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        self.vocab_size = getattr(config, "vocab_size", None)
+        self.max_positions = hf.context_length(model)
+        self.vocab_size = hf.vocab_size(model)
         self.device = next(model.parameters()).device
         self._cond = threading.Condition()
         self._count_lock = threading.Lock()

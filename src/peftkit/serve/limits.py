@@ -1,4 +1,5 @@
-"""Request limits and the app's own errors: the body-size guard (413) and readable validation errors (400).
+"""Request limits and the app's own errors: the body-size guard (413), readable validation errors (400), and
+how any error becomes OpenAI's error JSON with the status a client's SDK maps to its exception classes.
 
 The body limit is an ASGI middleware, not a check in each endpoint, because it must act before the body
 is parsed: a Content-Length above the limit is refused at once, and a body sent without one (chunked) is
@@ -11,9 +12,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+from starlette.responses import JSONResponse
+
+from .request import QueueFull
 from .schemas import error_body
+from .validate import AdapterError
 
 DRAIN_BYTES = 16 << 20  # a rejected body up to this size is read to its end before the 413 (see _reject)
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable"}
 
 
 class ApiError(Exception):
@@ -22,6 +30,27 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def status_of(err: BaseException) -> int:
+    """The HTTP status an error answers with: its own for ours and the registry's, 429 for a full queue, else 500."""
+    if isinstance(err, (ApiError, AdapterError)):
+        return err.status
+    return 429 if isinstance(err, QueueFull) else 500
+
+
+def error_response(err: BaseException) -> JSONResponse:
+    """`err` in OpenAI's error JSON, with its status (and the Bearer challenge on a 401)."""
+    status = status_of(err)
+    if isinstance(err, QueueFull):
+        message = f"the server's request queue is full ({err}); retry after a short wait"
+    else:
+        message = getattr(err, "message", None) or str(err) or type(err).__name__
+    code = getattr(err, "code", None) or {404: "model_not_found", 422: "invalid_adapter", 429: "queue_full",
+                                          503: "no_free_adapter_slot"}.get(status)
+    return JSONResponse(error_body(message, ERROR_TYPES.get(status, "server_error"), code,
+                                   getattr(err, "param", None)), status_code=status,
+                        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
 
 class BodyLimit:

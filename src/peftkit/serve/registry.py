@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from ..files import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from .batched import SlotBank, wrap_linears
 from .validate import AdapterError, parse_adapter
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
-from ..checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME, raise_if_unfit
-from ..config import config_from_peft_dict
+from ..files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, raise_if_unfit
+from ..registry import config_from_peft_dict
 from ..targeting import select_targets
 from .batched import SlotBank, SlotLoraLayer
 

@@ -19,9 +19,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .distributed import launch
 
         return launch(o.nproc, _without_nproc(args.argv))
+    from .distributed import init_distributed
     from .loop import train
+    from .process import configure_process
     from .report import format_summary
 
+    configure_process(o, init_distributed(o.device))  # threads and allocator: the command's, not train()'s
     summary = train(o)
     if summary:
         print(format_summary(summary))
@@ -88,7 +91,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from . import data as data_mod
     from . import task
-    from .loop import exact_match, validation_loss
+    from .scoring import exact_match, validation_loss
 
     model, tokenizer = _load(args)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from ..inject import wrappers
+from .. import hf
+from ..record import wrappers
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 CPU = torch.device("cpu")
@@ -215,15 +216,12 @@ def decoder_layers(model: nn.Module, layer_classes: tuple[type, ...] | None = No
             raise ValueError(f"no module of class {names} in {type(model).__name__}; pass the class of its "
                              "repeated decoder block as layer_classes")
         return found
-    for path in ("model.layers", "transformer.h", "layers"):
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, nn.ModuleList) and len(blocks):
-            return list(blocks)
-    raise ValueError(f"found no decoder layers in {type(model).__name__} (looked for model.layers, "
-                     "transformer.h and layers); pass layer_classes=(YourBlockClass,) to say which modules to shard")
+    blocks = hf.decoder_layers(model)
+    if blocks is not None:
+        return blocks
+    *paths, last = hf.DECODER_LAYER_PATHS
+    raise ValueError(f"found no decoder layers in {type(model).__name__} (looked for {', '.join(paths)} and "
+                     f"{last}); pass layer_classes=(YourBlockClass,) to say which modules to shard")
 
 
 def shard_frozen_base(model: nn.Module, dist: Dist, layer_classes: tuple[type, ...] | None = None) -> None:

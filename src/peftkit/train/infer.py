@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .. import hf
 from ..adapters import set_active
 from ..checkpoint import load_adapter
 from ..merge import merge_and_unload
@@ -69,7 +70,7 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
     return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
+def stop_ids(model, tokenizer) -> list[int]:
     """Token ids that end a reply: the tokenizer's eos, the model's generation eos, and ChatML's end marker."""
     ids: list[int] = []
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -86,7 +87,7 @@ def _stop_ids(model, tokenizer) -> list[int]:
 def generation_config(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float):
     """The model's generation config with our settings; sampling knobs are cleared for greedy decoding so
     transformers does not warn about settings it ignores."""
-    stops = _stop_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
     config = copy.deepcopy(model.generation_config)
     config.update(max_new_tokens=max_new_tokens, max_length=None, do_sample=temperature > 0, pad_token_id=pad,
@@ -233,7 +234,7 @@ def chat_loop(model, tokenizer, system: str | None = None, read: Callable[[str],
 
 
 # --- merging into a standalone model ------------------------------------------------------------------
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     allowed = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -250,17 +251,6 @@ def _check_out_dir(out: Path, overwrite: bool, sources: list[str]) -> None:
         raise ValueError(f"{str(out)!r} is the base model or an adapter directory; write the merged model elsewhere")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{str(out)!r} is not empty; pass --overwrite (overwrite=True) to replace it")
-
-
-def _untie_config(model) -> None:
-    """After a merge that untied the embedding and output head, say so in the config, or from_pretrained
-    would tie them again and drop one of the merged weights."""
-    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
-    if inp is None or outp is None or outp.weight is inp.weight:
-        return
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        if getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -293,14 +283,14 @@ def merge_to_directory(model: str, adapters: list[str], out_dir: str | os.PathLi
         raise ValueError("merge_to_directory needs at least one adapter directory")
     out = Path(out_dir)
     _check_out_dir(out, overwrite, [model, *map(str, adapters)])
-    torch_dtype = _torch_dtype(dtype)
-    net, tokenizer = load_for_inference(model, adapters, dtype=torch_dtype)
-    vocab = min(len(tokenizer), net.config.get_text_config().vocab_size)
+    net_dtype = torch_dtype(dtype)
+    net, tokenizer = load_for_inference(model, adapters, dtype=net_dtype)
+    vocab = min(len(tokenizer), hf.text_vocab_size(net))
     ids = torch.linspace(0, vocab - 1, 16).long().unsqueeze(0).to(_device(net))  # (1, 16), rows across the table
     with torch.inference_mode():
         expected = net(ids).logits.float()
     merge_and_unload(net)
-    _untie_config(net)
+    hf.record_untied_embeddings(net)
     parameters = sum(p.numel() for p in {id(p): p for p in net.parameters()}.values())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -310,8 +300,8 @@ def merge_to_directory(model: str, adapters: list[str], out_dir: str | os.PathLi
         tokenizer.save_pretrained(tmp)
         diff = None
         if verify:
-            diff = _reload_diff(tmp, ids, expected, torch_dtype)
-            tolerance = 1e-3 if torch_dtype == torch.float32 else 2e-2 * max(1.0, expected.abs().max().item())
+            diff = _reload_diff(tmp, ids, expected, net_dtype)
+            tolerance = 1e-3 if net_dtype == torch.float32 else 2e-2 * max(1.0, expected.abs().max().item())
             if diff > tolerance:
                 raise RuntimeError(f"the merged model's logits differ from the adapter model's by {diff:.3g} "
                                    f"(tolerance {tolerance:.3g}); nothing was written to {str(out)!r}")
@@ -326,7 +316,7 @@ def _reload_diff(directory: Path, ids: torch.Tensor, expected: torch.Tensor, dty
     """Max |logits| difference between the model saved in `directory`, loaded as a user would, and `expected`."""
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(ids.device).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(directory, **hf.dtype_kwargs(dtype)).to(ids.device).eval()
     with torch.inference_mode():
         got = reloaded(ids).logits.float()
     return (got - expected).abs().max().item()

@@ -12,35 +12,17 @@ instruction data.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..methods.lora_fused import real_rows
-from ..methods.lora_mlp import fused_mlps
+from .. import hf
+from ..registry import methods
 
 IGNORE_INDEX = -100
-
-
-def _head_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None] | None:
-    """(decoder, output head, logit softcap) for a transformers causal LM, or None if it has no such split."""
-    get_decoder = getattr(model, "get_decoder", None)
-    get_head = getattr(model, "get_output_embeddings", None)
-    if get_decoder is None or get_head is None:
-        return None
-    try:
-        decoder, head = get_decoder(), get_head()
-    except (AttributeError, NotImplementedError):
-        return None
-    if decoder is None or head is None or decoder is model:
-        return None
-    config = getattr(model, "config", None)
-    if getattr(config, "logit_scale", None) is not None:  # heads with extra scaling: use the model's own forward
-        return None
-    return decoder, head, getattr(config, "final_logit_softcapping", None)
 
 
 def _is_fsdp_root(model: nn.Module) -> bool:
@@ -106,18 +88,20 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 @contextmanager
 def _training_kernels(model: nn.Module, attention_mask: Tensor | None, mask: Tensor) -> Iterator[None]:
-    """The decoder's forward with the fused training nodes: LoRA linears that skip the padding positions
+    """The decoder's forward with each registered method's fused training nodes (LoRA's: linears that skip the padding positions
     (exact: their gradients are zero; kept are the real positions and those whose next token carries a label,
     as a left-padded row's last padding position can) and fused LoRA SwiGLU MLPs. Neither under gradient
     checkpointing, whose recomputation in backward runs outside this block and must see the same graph."""
-    if not torch.is_grad_enabled() or any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+    if not torch.is_grad_enabled() or hf.uses_gradient_checkpointing(model):
         yield
         return
     keep = None
     if attention_mask is not None:
         keep = attention_mask != 0  # (B, T)
         keep[:, :-1] |= mask
-    with real_rows(keep), fused_mlps(model):
+    with ExitStack() as stack:
+        for method in methods():
+            stack.enter_context(method.training_kernels(model, keep))
         yield
 
 
@@ -135,12 +119,12 @@ def sum_token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         # would meet sharded parameters or miss the prefix. The model's own forward then computes logits
         # only at the positions some row needs.
         keep = mask.any(dim=0).nonzero().flatten()  # (K,)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=keep).logits  # (B, K, V)
+        logits = hf.logits_at(model, keep, input_ids=input_ids, attention_mask=attention_mask,
+                              use_cache=False)  # (B, K, V)
         kept = targets[:, keep]
         return F.cross_entropy(logits[kept != IGNORE_INDEX].float(), kept[kept != IGNORE_INDEX],
                                reduction="sum"), n_tokens
-    parts = _head_parts(model)
+    parts = hf.decoder_and_head(model)
     if parts is None:  # fall back to the model's full logits
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
         loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")

@@ -13,64 +13,81 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("lora", "qlora", "dora", "bottleneck", "prefix", "full")
+from .. import registry
+
+METHODS = (*registry.train_names(), "full")  # the registered methods, and full fine-tuning
 AVAILABLE_METHODS = METHODS
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None, metavar: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
+def _opt(default: Any, help: str, choices: tuple | None = None, metavar: str | None = None,
+         same_run: bool = False) -> Any:
+    """A TrainOptions field. `same_run=True` says the option changes what training computes (the model, the
+    data or their order, the adapter, the optimisation), so a resumed run must keep the value it started with."""
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar,
+                                            "same_run": same_run})
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     # what to train
-    model: str = _opt("smollm2", "'smollm2' (the embedded SmolLM2-135M-Instruct), a transformers directory or a .gguf file")
+    model: str = _opt("smollm2", "'smollm2' (the embedded SmolLM2-135M-Instruct), a transformers directory or a "
+                      ".gguf file", same_run=True)
     data: str | None = _opt(None, "training data: a .jsonl/.json file (chat 'messages' or instruction/input/output "
-                            "records) or a saved `datasets` directory; omit it for the built-in ticket task")
-    val_data: str | None = _opt(None, "validation data in the same formats (default: split --val-fraction off --data)")
-    val_fraction: float = _opt(0.05, "share of --data held out for validation loss when --val-data is not given")
+                            "records) or a saved `datasets` directory; omit it for the built-in ticket task",
+                            same_run=True)
+    val_data: str | None = _opt(None, "validation data in the same formats (default: split --val-fraction off "
+                                "--data)", same_run=True)
+    val_fraction: float = _opt(0.05, "share of --data held out for validation loss when --val-data is not given",
+                               same_run=True)
     method: str = _opt("lora", "adapter method: lora; qlora = LoRA on a 4-bit NF4 base with double quantization; "
                        "dora = weight-decomposed LoRA; bottleneck = adapter layers (--variant); "
                        "prefix = prefix tuning (--num-virtual-tokens); full = every weight trains (no adapter; "
-                       "the whole model is saved in <output-dir>/model)", METHODS)
+                       "the whole model is saved in <output-dir>/model)", METHODS, same_run=True)
     # the adapter
-    r: int = _opt(16, "LoRA rank")
-    lora_alpha: float = _opt(32.0, "LoRA alpha (the update is scaled by alpha / r)")
-    lora_dropout: float = _opt(0.0, "dropout on the LoRA input path")
+    r: int = _opt(16, "LoRA rank", same_run=True)
+    lora_alpha: float = _opt(32.0, "LoRA alpha (the update is scaled by alpha / r)", same_run=True)
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA input path", same_run=True)
     target_modules: str = _opt("all-linear", "modules to adapt: 'all-linear', a comma-separated list of names "
-                               "(q_proj,v_proj), or a regex that fullmatches module paths")
-    use_rslora: bool = _opt(False, "rsLoRA scaling alpha / sqrt(r)")
+                               "(q_proj,v_proj), or a regex that fullmatches module paths", same_run=True)
+    use_rslora: bool = _opt(False, "rsLoRA scaling alpha / sqrt(r)", same_run=True)
     variant: str = _opt("houlsby", "bottleneck only: houlsby (after attention and feed-forward blocks) or "
-                        "pfeiffer (after the feed-forward block)", ("houlsby", "pfeiffer"))
-    reduction_factor: int = _opt(16, "bottleneck only: hidden size / bottleneck size")
-    non_linearity: str = _opt("relu", "bottleneck only: activation inside the bottleneck", ("relu", "gelu", "silu"))
-    num_virtual_tokens: int = _opt(20, "prefix only: trainable key/value positions per attention layer")
+                        "pfeiffer (after the feed-forward block)", ("houlsby", "pfeiffer"), same_run=True)
+    reduction_factor: int = _opt(16, "bottleneck only: hidden size / bottleneck size", same_run=True)
+    non_linearity: str = _opt("relu", "bottleneck only: activation inside the bottleneck", ("relu", "gelu", "silu"),
+                              same_run=True)
+    num_virtual_tokens: int = _opt(20, "prefix only: trainable key/value positions per attention layer",
+                                   same_run=True)
     prefix_projection: int | None = _opt(None, "prefix only: train the prefix through an MLP of this width "
-                                         "(folded away when saving)")
+                                         "(folded away when saving)", same_run=True)
     # optimisation
-    lr: float = _opt(2e-4, "peak learning rate (AdamW)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    warmup_steps: int = _opt(10, "linear warm-up steps from 0 to --lr")
-    schedule: str = _opt("cosine", "learning-rate schedule after warm-up", SCHEDULES)
-    batch_size: int = _opt(8, "examples per optimizer step, over all processes (the global batch)")
-    grad_accum: int = _opt(1, "split each process's share of a batch into this many micro-batches")
-    max_steps: int | None = _opt(None, "optimizer steps to run (default: --epochs worth)")
-    epochs: float = _opt(1.0, "passes over the training data when --max-steps is not given")
-    max_grad_norm: float = _opt(1.0, "clip the adapter gradients' global norm to this (0 = no clipping)")
-    max_length: int = _opt(512, "longest example in tokens")
+    lr: float = _opt(2e-4, "peak learning rate (AdamW)", same_run=True)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", same_run=True)
+    warmup_steps: int = _opt(10, "linear warm-up steps from 0 to --lr", same_run=True)
+    schedule: str = _opt("cosine", "learning-rate schedule after warm-up", SCHEDULES, same_run=True)
+    batch_size: int = _opt(8, "examples per optimizer step, over all processes (the global batch)",
+                           same_run=True)
+    grad_accum: int = _opt(1, "split each process's share of a batch into this many micro-batches",
+                           same_run=True)
+    max_steps: int | None = _opt(None, "optimizer steps to run (default: --epochs worth)", same_run=True)
+    epochs: float = _opt(1.0, "passes over the training data when --max-steps is not given", same_run=True)
+    max_grad_norm: float = _opt(1.0, "clip the adapter gradients' global norm to this (0 = no clipping)",
+                                same_run=True)
+    max_length: int = _opt(512, "longest example in tokens", same_run=True)
     overflow: str = _opt("truncate", "what to do with longer examples (both are counted and reported)",
-                         ("truncate", "skip"))
+                         ("truncate", "skip"), same_run=True)
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, ~30%% more time")
     loss_chunk: int = _opt(1024, "answer tokens per chunk of the output-head loss (never the whole batch's logits)")
-    seed: int = _opt(0, "seed for the adapter's initialisation, data order and dropout")
-    dtype: str = _opt("float32", "compute dtype of the frozen base", ("float32", "bfloat16", "float16"))
+    seed: int = _opt(0, "seed for the adapter's initialisation, data order and dropout", same_run=True)
+    dtype: str = _opt("float32", "compute dtype of the frozen base", ("float32", "bfloat16", "float16"),
+                      same_run=True)
     device: str | None = _opt(None, "cpu, cuda or cuda:N (default: cuda if available)")
     threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
     # built-in task
     train_examples: int | None = _opt(None, "built-in task only: training tickets to generate "
-                                      "(default: batch size x steps)")
-    eval_examples: int = _opt(100, "built-in task only: held-out tickets scored by exact match (at most 1000)")
+                                      "(default: batch size x steps)", same_run=True)
+    eval_examples: int = _opt(100, "built-in task only: held-out tickets scored by exact match (at most 1000)",
+                              same_run=True)
     score_base: bool = _opt(True, "built-in task only: also score the base model before training (the "
                             "'before' figure; sweeps skip it, it is the same for every trial)")
     # evaluation, checkpoints, output
@@ -101,6 +118,8 @@ BUILTIN_PRESET = {"lr": 2e-3, "warmup_steps": 4, "max_steps": 36, "batch_size": 
                   "save_every": 18}
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
+# the options a resumed run must keep (declared on the fields above with same_run=True)
+SAME_RUN = tuple(name for name, f in FIELDS.items() if f.metadata["same_run"])
 
 
 def _coerce(name: str, value: Any) -> Any:

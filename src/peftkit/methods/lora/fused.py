@@ -64,7 +64,7 @@ def real_rows(keep: Tensor | None, min_saving: float = 0.02) -> Iterator[None]:
         _ROWS.reset(token)
 
 
-def _scatter(values: Tensor, idx: Tensor | None, n: int) -> Tensor:
+def scatter_rows(values: Tensor, idx: Tensor | None, n: int) -> Tensor:
     """values (M, d) placed at rows idx of an (n, d) zero tensor; values itself when idx is None."""
     if idx is None:
         return values
@@ -83,7 +83,7 @@ class LoraLinearFunction(torch.autograd.Function):
         out = F.linear(x2, weight, bias).addmm_(h, B.T, alpha=scaling)  # (M, out)
         ctx.save_for_backward(x2, h, weight, A, B, idx)
         ctx.scaling, ctx.in_shape, ctx.has_bias, ctx.n = scaling, x.shape, bias is not None, n
-        return _scatter(out, idx, n).view(*x.shape[:-1], out.shape[-1])
+        return scatter_rows(out, idx, n).view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -95,7 +95,7 @@ class LoraLinearFunction(torch.autograd.Function):
         gh = torch.mm(g, B).mul_(ctx.scaling)  # (M, r): the gradient at A's output
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if need_x:
-            grad_x = _scatter(torch.mm(g, weight).addmm_(gh, A), idx, ctx.n).view(ctx.in_shape)  # (N, in)
+            grad_x = scatter_rows(torch.mm(g, weight).addmm_(gh, A), idx, ctx.n).view(ctx.in_shape)  # (N, in)
         if need_w:
             grad_w = g.T @ x2
         if need_b and ctx.has_bias:

@@ -12,76 +12,24 @@ those two methods (see `WeightAccess`) to get merge and unmerge.
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import dora, lora_fused
-
-
-@runtime_checkable
-class WeightAccess(Protocol):
-    """A base layer whose weight is not a plain tensor (e.g. NF4) implements these two methods."""
-
-    def get_dense_weight(self) -> Tensor: ...
-
-    def set_dense_weight(self, weight: Tensor) -> None: ...
-
-
-def get_dense_weight(base: nn.Module) -> Tensor:
-    return base.get_dense_weight() if isinstance(base, WeightAccess) else base.weight.data
-
-
-def set_dense_weight(base: nn.Module, weight: Tensor) -> None:
-    if isinstance(base, WeightAccess):
-        base.set_dense_weight(weight)
-    else:
-        base.weight.data.copy_(weight)
-
-
-def adapter_dtype(base: nn.Module) -> torch.dtype:
-    """Adapters train in fp32 over a half-precision or quantized base (as PEFT's autocast_adapter_dtype)."""
-    dtype = torch.float32 if isinstance(base, WeightAccess) else base.weight.dtype
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def base_device(base: nn.Module) -> torch.device:
-    for t in (*base.parameters(), *base.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _compute_dtype(w: Tensor) -> torch.dtype:
-    """float32, or float64 for a float64 weight: what DoRA's norms run in."""
-    return torch.promote_types(w.dtype, torch.float32)
-
-
-def _merge_dtype(w: Tensor) -> torch.dtype:
-    """DoRA merges scale the weight (f * (W + delta)) and unmerges divide it again: float64 keeps that round
-    trip as exact as a plain LoRA merge (one rounding, when the result is stored). MPS has no float64."""
-    return torch.float32 if w.device.type == "mps" else torch.float64
-
-
-def factor_shapes(kind: str, base: nn.Module, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Shapes of A and B at rank r, as stored in PEFT files. For an embedding, in = num_embeddings.
-    Read from the module's attributes, so a quantized base is never dequantized for it."""
-    if kind == "embedding":
-        n_in, n_out = base.num_embeddings, base.embedding_dim
-    elif kind == "conv1d":
-        n_in, n_out = base.weight.shape
-    elif hasattr(base, "in_features"):
-        n_in, n_out = base.in_features, base.out_features
-    else:
-        n_out, n_in = get_dense_weight(base).shape
-    return (r, n_in), (n_out, r)
+from .fused import LoraLinearFunction, fusable, rows_for
+from .dora import merged_weight as dora_merged_weight
+from .dora import output_delta, unmerged_weight, weight_norm
+from .weights import (WeightAccess, adapter_dtype, base_device, compute_dtype, factor_shapes, get_dense_weight,
+                      merge_dtype, set_dense_weight)
 
 
 class LoraLayer(nn.Module):
     """Wraps one linear, Conv1D or embedding module; holds any number of named adapters."""
 
     peftkit_wrapper = True
+    peftkit_holder = True
 
     def __init__(self, base: nn.Module, kind: str) -> None:
         super().__init__()
@@ -159,7 +107,7 @@ class LoraLayer(nn.Module):
             else:
                 nn.init.zeros_(B)
         if name in self.lora_magnitude_vector:
-            norm = dora.weight_norm(self._unmerged_out_in(), self._delta_out_in(name))
+            norm = weight_norm(self._unmerged_out_in(), self._delta_out_in(name))
             self.lora_magnitude_vector[name].copy_(norm)
 
     def _pissa_init(self, name: str) -> None:
@@ -190,11 +138,11 @@ class LoraLayer(nn.Module):
 
     def _refresh(self) -> None:
         self.pending = tuple(n for n in self.active if n in self.lora_A and n not in self.merged)
-        # With nothing to add (merged, disabled or no adapter active here) calls go straight to the base's
-        # forward: the wrapper then costs no extra Python frame (about 7 us a layer at one token). Forward
-        # hooks registered on the base module itself are skipped in that state.
+        # With nothing to add (merged, disabled or no adapter active here) calls go straight to the base
+        # module: the wrapper then costs no frame of its own (about 7 us a layer at one token), and hooks
+        # registered on the base still fire, since the base is called as a module.
         if (self.disabled or not self.pending) and self.row_adapters is None:
-            self.__dict__["forward"] = self.base.forward
+            self.__dict__["forward"] = self.base
         else:
             self.__dict__.pop("forward", None)
 
@@ -211,6 +159,10 @@ class LoraLayer(nn.Module):
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
+
+    def unwrap(self, keep_copy_of: str | None = None) -> nn.Module:
+        """The module to put back when the wrapper goes (merged adapters stay in its weights)."""
+        return self.base
 
     # --- weights ----------------------------------------------------------------------------------
     def _as_out_in(self, w: Tensor) -> Tensor:
@@ -233,7 +185,7 @@ class LoraLayer(nn.Module):
         DoRA's norms are defined on this weight, so merged and unmerged layers compute the same outputs."""
         W = self._as_out_in(get_dense_weight(self.base))
         if self.merged:
-            W = W.to(_compute_dtype(W))
+            W = W.to(compute_dtype(W))
         for name in reversed(self.merged):
             W = self._unmerge_step(W, name)
         return W
@@ -244,7 +196,7 @@ class LoraLayer(nn.Module):
         if name not in self.dora_merge_state:
             return W - delta
         factor, zero_rows, saved_rows = (t.to(W.device) for t in self.dora_merge_state[name])
-        prev = dora.unmerged_weight(W, delta, factor.to(W.dtype))
+        prev = unmerged_weight(W, delta, factor.to(W.dtype))
         prev[zero_rows] = saved_rows.to(W.dtype)  # rows a zero magnitude wiped out come back from the copy
         return prev
 
@@ -252,15 +204,15 @@ class LoraLayer(nn.Module):
         """f = m / ||W + scaling * B A||, (out,), on the unmerged base weight. The norm is a detached constant
         (DoRA paper, section 4.3); the magnitude's gradient flows through f."""
         with torch.no_grad():
-            norm = dora.weight_norm(self._unmerged_out_in(), self._delta_out_in(name))  # (out,)
+            norm = weight_norm(self._unmerged_out_in(), self._delta_out_in(name))  # (out,)
         return self.lora_magnitude_vector[name] / norm
 
     def _dora_merged(self, name: str) -> tuple[Tensor, Tensor]:
         """(f * (W + delta) in the base weight's layout and dtype, f), W being the current weight."""
         W = get_dense_weight(self.base)
         factor = self._dora_factor(name)  # (out,)
-        W64 = self._as_out_in(W).to(_merge_dtype(W))
-        merged = dora.merged_weight(W64, self._delta_out_in(name).to(W64.dtype), factor.to(W64.dtype))
+        W64 = self._as_out_in(W).to(merge_dtype(W))
+        merged = dora_merged_weight(W64, self._delta_out_in(name).to(W64.dtype), factor.to(W64.dtype))
         return self._from_out_in(merged).to(W.dtype), factor
 
     @torch.no_grad()
@@ -295,7 +247,7 @@ class LoraLayer(nn.Module):
             return
         W = get_dense_weight(self.base)
         if name in self.dora_merge_state:
-            prev = self._unmerge_step(self._as_out_in(W).to(_merge_dtype(W)), name)
+            prev = self._unmerge_step(self._as_out_in(W).to(merge_dtype(W)), name)
             set_dense_weight(self.base, self._from_out_in(prev).to(W.dtype))
             del self.dora_merge_state[name]
         elif isinstance(self.base, WeightAccess):
@@ -333,9 +285,9 @@ class LoraLayer(nn.Module):
                 and self.pending[0] not in self.lora_magnitude_vector and self.peftkit_kind == "linear"):
             name = self.pending[0]
             A = self.lora_A[name]
-            if lora_fused.fusable(self.base, x, A, self.dropout[name], self.training):
-                return lora_fused.LoraLinearFunction.apply(x, self.base.weight, self.base.bias, A, self.lora_B[name],
-                                                           self.scaling[name], lora_fused.rows_for(x))
+            if fusable(self.base, x, A, self.dropout[name], self.training):
+                return LoraLinearFunction.apply(x, self.base.weight, self.base.bias, A, self.lora_B[name],
+                                                           self.scaling[name], rows_for(x))
         out = self.base(x, *args, **kwargs)
         if self.disabled:
             return out
@@ -362,7 +314,7 @@ class LoraLayer(nn.Module):
             bias = getattr(self.base, "bias", None)
             base_out = out if bias is None else out - bias.to(out.dtype)  # (B, T, out)
         lora_out = self._hidden(x, name, drop=False) @ self.lora_B[name].T  # (B, T, out)
-        return dora.output_delta(base_out, lora_out, self._dora_factor(name), self.scaling[name])
+        return output_delta(base_out, lora_out, self._dora_factor(name), self.scaling[name])
 
     def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
         """One batch whose row i uses adapter row_adapters[i] (None: the base alone)."""
@@ -384,3 +336,10 @@ class LoraLayer(nn.Module):
         ranks = {n: self.lora_A[n].shape[0] for n in self.lora_A}
         doras = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
         return f"kind={self.peftkit_kind}, adapters={ranks}{doras}, active={list(self.active)}, merged={self.merged}"
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Every LoraLayer in the model, with its module path."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module

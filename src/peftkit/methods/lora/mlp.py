@@ -5,12 +5,15 @@
 Autograd through the module keeps, per layer, gate's output, silu's output, up's output and their product:
 four (N, intermediate) tensors, the largest activations of a Llama block. This node keeps e and g only and
 recomputes silu(e) * g in backward (as Unsloth's fused LoRA MLP does), plus x and the three thin (N, r)
-adapter activations. Inside `lora_fused.real_rows` it works on the kept positions only, like the fused
+adapter activations. Inside `fused.real_rows` it works on the kept positions only, like the fused
 linear node. Equal to the module's own computation within float rounding.
 
 `fused_mlps(model)` swaps the forward of every eligible MLP for the block's duration (the training loss
-uses it); a module is eligible when it is a known SwiGLU class with SiLU, and its three projections are
-LoRA layers over plain bias-free nn.Linear bases with exactly one active, fusable adapter.
+uses it); a module is eligible when `hf.mlp_kind` says 'swiglu' (a verified gated-MLP class with SiLU) and
+nothing hooks it, and at call time its three projections must be LoRA layers over plain bias-free nn.Linear
+bases with exactly one active, fusable adapter. The swap is an instance attribute `forward` (removed again
+after the block): hooks cannot skip a module's own computation, and replacing the module in its parent would
+change the model's tree under the user (and under FSDP's hooks) for the block.
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import lora_fused
-
-# classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
-SWIGLU_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP"})
+from ... import hf
+from . import fused
+from .layer import LoraLayer
 
 
 class LoraSwiGLUFunction(torch.autograd.Function):
@@ -44,7 +46,7 @@ class LoraSwiGLUFunction(torch.autograd.Function):
         idx = rows.idx if rows is not None else None
         ctx.save_for_backward(x2, e, g, hg, hu, hd, wg, ag, bg, wu, au, bu, wd, ad, bd, idx)
         ctx.scales, ctx.in_shape, ctx.n = scales, x.shape, n
-        return lora_fused._scatter(y, idx, n).view(*x.shape[:-1], y.shape[-1])
+        return fused.scatter_rows(y, idx, n).view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -69,7 +71,7 @@ class LoraSwiGLUFunction(torch.autograd.Function):
         grad_x = None
         if need[0]:
             gx = torch.mm(de, wg).addmm_(dhg, ag).addmm_(dg, wu).addmm_(dhu, au)  # (M, in)
-            grad_x = lora_fused._scatter(gx, idx, ctx.n).view(ctx.in_shape)
+            grad_x = fused.scatter_rows(gx, idx, ctx.n).view(ctx.in_shape)
         grad_ag = dhg.T @ x2 if need[3] else None
         grad_bg = torch.mm(de.T, hg).mul_(sg) if need[4] else None
         grad_au = dhu.T @ x2 if need[6] else None
@@ -79,15 +81,13 @@ class LoraSwiGLUFunction(torch.autograd.Function):
 
 def _parts(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, float] | None:
     """(W, A, B, scaling) of a LoRA layer that the fused node can run exactly, else None."""
-    from .lora import LoraLayer
-
     if not isinstance(layer, LoraLayer) or layer.peftkit_kind != "linear" or layer.disabled:
         return None
     if layer.row_adapters is not None or len(layer.pending) != 1 or layer.lora_magnitude_vector:
         return None
     name = layer.pending[0]
     base, A = layer.base, layer.lora_A[name]
-    if base.bias is not None or not lora_fused.fusable(base, x, A, layer.dropout[name], layer.training):
+    if base.bias is not None or not fused.fusable(base, x, A, layer.dropout[name], layer.training):
         return None
     if base.weight.requires_grad:  # a trainable base (full fine-tuning of it) takes the module's own path
         return None
@@ -95,18 +95,16 @@ def _parts(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, float] 
 
 
 def _eligible(mlp: nn.Module) -> bool:
-    act = getattr(mlp, "act_fn", None)
-    return (type(mlp).__name__ in SWIGLU_CLASSES and not mlp._forward_hooks and not mlp._forward_pre_hooks
-            and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"))
+    return hf.mlp_kind(mlp) == "swiglu" and not mlp._forward_hooks and not mlp._forward_pre_hooks
 
 
 def _fused_forward(mlp: nn.Module, original):
     def forward(x: Tensor) -> Tensor:
-        parts = [_parts(getattr(mlp, n), x) for n in ("gate_proj", "up_proj", "down_proj")]
+        parts = [_parts(layer, x) for layer in hf.swiglu_projections(mlp)]
         if any(p is None for p in parts) or parts[2][0].shape[1] != parts[0][0].shape[0]:
             return original(x)
         (wg, ag, bg, sg), (wu, au, bu, su), (wd, ad, bd, sd) = parts
-        return LoraSwiGLUFunction.apply(x, lora_fused.rows_for(x), wg, ag, bg, wu, au, bu, wd, ad, bd, (sg, su, sd))
+        return LoraSwiGLUFunction.apply(x, fused.rows_for(x), wg, ag, bg, wu, au, bu, wd, ad, bd, (sg, su, sd))
 
     return forward
 

@@ -1,4 +1,4 @@
-"""Frozen configuration objects, one per method, and their PEFT `adapter_config.json` form.
+"""LoRA's frozen configuration object and its PEFT `adapter_config.json` form.
 
 A config travels as a whole: the layer reads its rank and scaling from it, the checkpoint writes it,
 the loader rebuilds it. Field names are HF PEFT's, so a PEFT user's config carries over unchanged.
@@ -15,7 +15,8 @@ INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
-def _as_tuple(value: Any) -> tuple | None:
+def as_tuple(value: Any) -> tuple | None:
+    """None, or the value as a tuple (a set sorted, a scalar as a 1-tuple): hashable config fields."""
     if value is None:
         return None
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -56,12 +57,12 @@ class LoraConfig:
     def __post_init__(self) -> None:
         # Lists become tuples so the config is hashable and cannot be changed behind a layer's back.
         if not isinstance(self.target_modules, str):
-            object.__setattr__(self, "target_modules", _as_tuple(self.target_modules))
+            object.__setattr__(self, "target_modules", as_tuple(self.target_modules))
         if not isinstance(self.exclude_modules, str):
-            object.__setattr__(self, "exclude_modules", _as_tuple(self.exclude_modules))
-        object.__setattr__(self, "modules_to_save", _as_tuple(self.modules_to_save))
-        object.__setattr__(self, "layers_to_transform", _as_tuple(self.layers_to_transform))
-        object.__setattr__(self, "layers_pattern", _as_tuple(self.layers_pattern))
+            object.__setattr__(self, "exclude_modules", as_tuple(self.exclude_modules))
+        object.__setattr__(self, "modules_to_save", as_tuple(self.modules_to_save))
+        object.__setattr__(self, "layers_to_transform", as_tuple(self.layers_to_transform))
+        object.__setattr__(self, "layers_pattern", as_tuple(self.layers_pattern))
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
         self._validate()
@@ -153,20 +154,3 @@ def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
-
-
-def config_from_peft_dict(data: dict[str, Any]) -> LoraConfig:
-    """Dispatch on peft_type; one place to add a method's config class."""
-    peft_type = data.get("peft_type", "LORA")
-    if peft_type == "LORA":
-        return LoraConfig.from_peft_dict(data)
-    if peft_type == "PREFIX_TUNING":
-        from .methods.prefix import PrefixConfig  # here: methods.prefix imports inject and checkpoint
-
-        return PrefixConfig.from_peft_dict(data)
-    if peft_type == "BOTTLENECK":
-        from .methods.bottleneck import BottleneckConfig  # here: methods.bottleneck imports inject, inject config
-
-        return BottleneckConfig.from_peft_dict(data)
-    raise ValueError(f"peft_type {peft_type!r} is not supported by this peftkit version (supported: LORA, BOTTLENECK, PREFIX_TUNING)")
-

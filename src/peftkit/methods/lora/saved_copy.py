@@ -2,7 +2,7 @@
 
 The wrapper keeps the original module as `.base` and one deep copy per adapter in `.copies`; the active
 adapter's copy runs instead of the original. In PEFT files the copy's parameters are stored under the
-module's own path (`base_model.model.lm_head.weight`), which is what `checkpoint.py` reads and writes.
+module's own path (`base_model.model.lm_head.weight`), which is what LoRA's file I/O (io.py) reads and writes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 class SavedCopy(nn.Module):
     peftkit_wrapper = True
+    peftkit_holder = True
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -47,6 +48,13 @@ class SavedCopy(nn.Module):
 
     def adapter_names(self) -> list[str]:
         return list(self.copies.keys())
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.copies[name].parameters())
+
+    def unwrap(self, keep_copy_of: str | None = None) -> nn.Module:
+        """The module to put back when the wrapper goes: `keep_copy_of`'s trained copy, else the original."""
+        return self.copies[keep_copy_of] if keep_copy_of in self.copies else self.base
 
     def chosen(self) -> nn.Module:
         """The module that runs for the whole batch: the active adapter's copy, else the original."""

@@ -1,0 +1,57 @@
+"""The seam to transformers: every read of a model's internals goes through a named function here.
+
+Decoder and output head, the KV cache classes and their layout in each release, MLP kinds, per-architecture
+target tables, config fields that families spell differently, and the keywords that changed between versions
+all live in this package; nothing else in peftkit imports `transformers.models.*` or reads private attributes
+of transformers objects. transformers itself is imported lazily (inside functions), so `import peftkit` and
+the core (inject, merge, checkpoint) stay free of it.
+
+Supported architectures (by `config.model_type`). "verified" means a test runs that feature on a tiny model
+of that type; "table" means peftkit has an entry (defaults, fused class) that is not covered by a test.
+
+    model_type  LoRA/DoRA  QLoRA     fused LoRA nodes  chunked   prefix       bottleneck  serving
+                                     (linear, SwiGLU)  head loss              defaults    (batching engine)
+    llama       verified   verified  verified          verified  verified     verified    verified
+    gpt2        verified   -         - (Conv1D bases)  -         verified     verified    verified
+    gemma2      verified   -         -                 verified  unsupported  -           -
+                                                      (soft-cap)
+    mistral, qwen2, gemma, phi3     LoRA and bottleneck default targets (table)
+    qwen3                           bottleneck default targets (table)
+    gpt_neox, opt                   LoRA default targets (table)
+    mistral, qwen2, qwen3, olmo2, granite: SwiGLU MLP classes for the fused MLP node (table)
+
+Features run on any other model where its structure allows (explicit target_modules, a forward that takes a
+cache, ...) and fall back to the model's own forward where a fast path is not proven; VERIFIED in arch.py is
+this table as data (`verified_features(model)`).
+
+Modules: arch (per-architecture tables and module kinds), configs (config fields), cache (KV caches and
+forward() argument names), model (decoder/head, decoder blocks, logits, loading keywords).
+"""
+
+from __future__ import annotations
+
+from .arch import (BOTTLENECK_DEFAULT_TARGETS, DECODER_LAYER_PATHS, FEATURES, LORA_DEFAULT_TARGETS,
+                   PLAIN_KV_LAYER_TYPES, PREFIX_UNSUPPORTED_TYPES, SWIGLU_MLP_CLASSES, VERIFIED,
+                   bottleneck_default_targets, is_conv1d, lora_default_targets, mlp_kind, model_type,
+                   swiglu_projections, verified_features)
+from .cache import (cache_arg, cache_length, dynamic_cache, forward_accepts, is_dynamic_cache, kv_tensors,
+                    new_cache)
+from .configs import (context_length, drop_quantization_config, head_scaling, hidden_size, is_encoder_decoder,
+                      kv_geometry, layer_types, mark_dequantized, model_config, name_or_path,
+                      record_untied_embeddings, save_config, set_name_or_path, text_config, text_context_length,
+                      text_vocab_size, tie_embeddings_if_configured, uses_gradient_checkpointing, vocab_size)
+from .model import (decoder_and_head, decoder_layers, dtype_kwargs, logits_at, output_head, prefix_unsupported,
+                    rebuild_nonpersistent_buffers, transformers_version)
+
+__all__ = [
+    "BOTTLENECK_DEFAULT_TARGETS", "DECODER_LAYER_PATHS", "FEATURES", "LORA_DEFAULT_TARGETS", "PLAIN_KV_LAYER_TYPES",
+    "PREFIX_UNSUPPORTED_TYPES", "SWIGLU_MLP_CLASSES", "VERIFIED", "bottleneck_default_targets", "cache_arg",
+    "cache_length", "context_length", "decoder_and_head", "decoder_layers", "drop_quantization_config",
+    "dtype_kwargs", "dynamic_cache", "forward_accepts", "head_scaling", "hidden_size", "is_conv1d",
+    "is_dynamic_cache", "is_encoder_decoder", "kv_geometry", "kv_tensors", "layer_types", "logits_at",
+    "lora_default_targets", "mark_dequantized", "mlp_kind", "model_config", "model_type", "name_or_path",
+    "new_cache", "output_head", "prefix_unsupported", "rebuild_nonpersistent_buffers", "record_untied_embeddings",
+    "save_config", "set_name_or_path", "swiglu_projections", "text_config", "text_context_length",
+    "text_vocab_size", "tie_embeddings_if_configured", "transformers_version", "uses_gradient_checkpointing",
+    "verified_features", "vocab_size",
+]

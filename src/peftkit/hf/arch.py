@@ -1,0 +1,95 @@
+"""Per-architecture knowledge, by `config.model_type` or module class: target tables, MLP kinds, what is verified.
+
+Everything here is data that a new architecture extends in one place; the functions only look it up.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+# --- what tests verify, per model_type (tiny models built from configs; see the package docstring) ----------
+FEATURES = ("lora", "dora", "qlora", "fused_linear", "fused_mlp", "head_loss", "prefix", "bottleneck", "serve")
+VERIFIED: dict[str, frozenset[str]] = {
+    "llama": frozenset(FEATURES),
+    "gpt2": frozenset({"lora", "dora", "prefix", "bottleneck", "serve"}),
+    "gemma2": frozenset({"lora", "head_loss"}),
+}
+
+# --- LoRA: target_modules=None picks these, by model_type (HF PEFT's table) -----------------------------------
+LORA_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",),
+    "gpt2": ("c_attn",),
+    "gpt_neox": ("query_key_value",),
+    "opt": ("q_proj", "v_proj"),
+}
+
+# --- bottleneck adapters: the last projection of the attention block and of the feed-forward block -----------
+_LLAMA_BLOCK_ENDS = {"houlsby": ("o_proj", "down_proj"), "pfeiffer": ("down_proj",)}
+BOTTLENECK_DEFAULT_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "llama": _LLAMA_BLOCK_ENDS, "mistral": _LLAMA_BLOCK_ENDS, "qwen2": _LLAMA_BLOCK_ENDS, "qwen3": _LLAMA_BLOCK_ENDS,
+    "gemma": _LLAMA_BLOCK_ENDS, "phi3": _LLAMA_BLOCK_ENDS,
+    "gpt2": {"houlsby": ("attn.c_proj", "mlp.c_proj"), "pfeiffer": ("mlp.c_proj",)},
+}
+
+# --- prefix tuning: architectures whose cache PEFT builds specially (hybrid/sliding caches, shared-KV layers,
+# fused KV) or that have no per-layer attention cache at all: a plain DynamicCache prefix would be wrong or ignored.
+PREFIX_UNSUPPORTED_TYPES = frozenset({
+    "gemma2", "gemma3", "gemma3_text", "gemma4", "gemma4_text", "bloom", "gpt_bigcode", "mamba", "mamba2",
+    "falcon_mamba", "rwkv", "recurrent_gemma", "jamba", "zamba", "zamba2", "qwen3_next", "lfm2", "cohere2", "t5",
+    "bart"})
+
+# --- MLP kinds: classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) -----------------
+SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP"})
+SWIGLU_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+# --- decoder blocks: where the repeated layers sit, tried in order ---------------------------------------------
+DECODER_LAYER_PATHS = ("model.layers", "transformer.h", "layers")
+
+# --- the attention layer kinds (config.layer_types) whose cache is a plain key/value tensor pair per layer ------
+PLAIN_KV_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+
+def model_type(model: nn.Module) -> str | None:
+    """`model.config.model_type`, or None for a model without a transformers config."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def verified_features(model: nn.Module) -> frozenset[str]:
+    """The features (names in FEATURES) a test verifies for this model's architecture; empty when unknown."""
+    return VERIFIED.get(model_type(model), frozenset())
+
+
+def lora_default_targets(model: nn.Module) -> tuple[str, ...] | None:
+    """LoRA's target_modules for target_modules=None, by model_type; None when the table has no entry."""
+    return LORA_DEFAULT_TARGETS.get(model_type(model))
+
+
+def bottleneck_default_targets(model: nn.Module, variant: str) -> tuple[str, ...] | None:
+    """The modules a bottleneck adapter of `variant` follows by default, by model_type; None without an entry."""
+    table = BOTTLENECK_DEFAULT_TARGETS.get(model_type(model))
+    return None if table is None else table[variant]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored (in, out). Detected by the shape of
+    its API rather than by import, so callers in the core never import transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def mlp_kind(module: nn.Module) -> str | None:
+    """'swiglu' for a Llama-family gated MLP with SiLU, y = down_proj(silu(gate_proj(x)) * up_proj(x)), whose
+    forward is known to be exactly that (a verified class; see SWIGLU_MLP_CLASSES); None for anything else."""
+    if type(module).__name__ not in SWIGLU_MLP_CLASSES:
+        return None
+    act = getattr(module, "act_fn", None)
+    return "swiglu" if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" else None
+
+
+def swiglu_projections(mlp: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(gate, up, down) of an MLP for which mlp_kind() is 'swiglu'."""
+    gate, up, down = (getattr(mlp, name) for name in SWIGLU_PROJECTIONS)
+    return gate, up, down

@@ -1,0 +1,150 @@
+"""The model's record of its adapters, and the protocol of the modules that hold their weights.
+
+One record per model: `model.peftkit_configs` (adapter name -> config, any method) and `model.peftkit_active`
+(the active names, in order), plain attributes of the root module, so nothing forwards attributes and the
+model pickles and deep-copies as usual. The weights live in holder modules: wrappers that replace a targeted
+module and keep it as `.base` (LoRA, bottleneck, modules_to_save copies) or a container registered on the
+model (the prefix). Every holder implements `AdapterHolder`, so activation, disabling, per-row routing,
+deletion and trainability are one loop over holders, whatever the method.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
+
+from torch import nn
+
+from .registry import AdapterConfig, for_config
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+
+
+@runtime_checkable
+class AdapterHolder(Protocol):
+    """A module holding named adapters' weights (marked with `peftkit_holder = True`)."""
+
+    active: tuple[str, ...]
+
+    def adapter_names(self) -> list[str]: ...
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]: ...
+
+    def set_active(self, names: tuple[str, ...]) -> None: ...
+
+    def set_disabled(self, disabled: bool) -> None: ...
+
+    def set_rows(self, rows: list[str | None] | None) -> None: ...
+
+    def delete_adapter(self, name: str) -> None: ...
+
+
+def configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """The configs of the adapters in this model, by adapter name (empty if none)."""
+    return model.__dict__.setdefault("peftkit_configs", {})
+
+
+def holders(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every module holding adapter weights (wrappers and containers), with its module path."""
+    for name, module in model.named_modules():
+        if getattr(module, "peftkit_holder", False):
+            yield name, module
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every wrapper (a holder that replaced a module and keeps it as `.base`), with its module path."""
+    for name, module in model.named_modules():
+        if getattr(module, "peftkit_wrapper", False):
+            yield name, module
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise ValueError(
+            f"adapter name {name!r} is not a plain name: use letters, digits, '_' and '-' "
+            "(no dots, slashes or spaces), for example 'default' or 'support-tickets'"
+        )
+
+
+def require_adapter(model: nn.Module, name: str) -> None:
+    if name not in configs(model):
+        known = ", ".join(configs(model)) or "none"
+        raise KeyError(f"no adapter named {name!r} in this model (adapters: {known})")
+
+
+def require_new(model: nn.Module, name: str) -> None:
+    """The name is plain and not taken by an adapter of any method."""
+    check_name(name)
+    if name in configs(model):
+        raise ValueError(f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or pick another name")
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at module path `path` of `model` (the root itself cannot be replaced)."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make `names` the active adapters (they apply in this order; an empty list means the base alone).
+    Trainability is not changed: use `peftkit.set_trainable` for that."""
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        require_adapter(model, name)
+    for _, holder in holders(model):
+        holder.set_active(tuple(names))
+    model.__dict__["peftkit_active"] = tuple(names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(model.__dict__.get("peftkit_active", ()))
+
+
+def mark_trainable(model: nn.Module, name: str | None) -> None:
+    """Freeze everything, then unfreeze adapter `name`'s weights (and what its method trains with them)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if name is None:
+        return
+    for _, holder in holders(model):
+        if name in holder.adapter_names():
+            for p in holder.adapter_parameters(name):
+                p.requires_grad_(True)
+    config = configs(model)[name]
+    for p in for_config(config).extra_trainable(model, name, config):
+        p.requires_grad_(True)
+
+
+def forget(model: nn.Module, name: str) -> None:
+    """Drop adapter `name` from the record (its weights are gone already)."""
+    configs(model).pop(name, None)
+    active = tuple(n for n in active_adapters(model) if n != name)
+    model.__dict__["peftkit_active"] = active
+    if not configs(model):
+        model.__dict__.pop("peftkit_configs", None)
+        model.__dict__.pop("peftkit_active", None)
+
+
+def remove_wrappers(model: nn.Module, keep_copy_of: str | None = None) -> nn.Module:
+    """Replace every wrapper by the module it wrapped (`unwrap(keep_copy_of)`: a saved copy's adapter copy
+    when it has one), and forget the adapters no holder keeps any more. Adapters still unmerged are dropped;
+    the caller merges first when that matters."""
+    for path, w in list(wrappers(model)):
+        replace_module(model, path, w.unwrap(keep_copy_of))
+    kept = {n for _, h in holders(model) for n in h.adapter_names()}
+    for name in [n for n in configs(model) if n not in kept]:
+        forget(model, name)
+    return model
+
+
+def drop_empty_containers(model: nn.Module) -> None:
+    """A container (a holder that is not a wrapper) left with no adapter releases its hooks and leaves the
+    model."""
+    for path, holder in list(holders(model)):
+        if not getattr(holder, "peftkit_wrapper", False) and not holder.adapter_names():
+            holder.release()
+            parent_path, _, child = path.rpartition(".")
+            delattr(model.get_submodule(parent_path) if parent_path else model, child)
+
