@@ -68,7 +68,9 @@ def test_concurrent_mixed_requests_equal_single_request_references(adapters, ref
         expected, logprobs = greedy(reference, adapter, prompt(n, i), max_tokens)
         assert h.token_ids == expected, (adapter, n)
         assert (h.finish_reason, h.prompt_tokens, h.completion_tokens) == ("length", n, max_tokens)
-        torch.testing.assert_close(torch.tensor(h.token_logprobs), torch.tensor(logprobs), atol=1e-9, rtol=0)
+        # the reference takes log_softmax in float32 (as the batched-prefill test says): 1e-9 held on AVX-512
+        # machines only; an AVX2 one differs by 5e-7
+        torch.testing.assert_close(torch.tensor(h.token_logprobs), torch.tensor(logprobs), atol=1e-6, rtol=0)
     outs = {tuple(h.token_ids) for h in handles}
     assert len(outs) == len(handles)  # the adapters really differ
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .memory import Estimate, Settings, estimate, ranked
+from .memory import Estimate, Settings, estimate, quantized_base, ranked
 from .presets import ModelShape
 
 GIB = 2**30
@@ -116,7 +116,7 @@ def _alternatives(est: Estimate) -> list[str]:
         gc = estimate(shape, replace(s, gradient_checkpointing=True))
         if fit(gc.total, biggest) != "no":
             out.append(f"With gradient checkpointing it needs {gc.total / GIB:.1f} GiB.")
-    if s.method in ("full", "lora", "dora", "bottleneck", "prefix"):
+    if not quantized_base(s.method):  # the same setup on an NF4 base
         q = estimate(shape, replace(s, method="qlora", num_gpus=1, gradient_checkpointing=True))
         card = next((g.name for g in GPUS if fit(q.total, g) == "fits"), None)
         if card:
