@@ -21,9 +21,9 @@ class LazyImport:
         self._name, self._optional, self._module = name, optional, None
 
     def __getattr__(self, attr: str):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
         if self._module is None:
+            if attr.startswith("_") and attr != "__version__":  # pytest probes globals (__test__, _mock_name, ...)
+                raise AttributeError(attr)
             if self._optional:
                 self._module = pytest.importorskip(self._name)
             else:

@@ -62,6 +62,7 @@ def test_default_model_is_cached_as_safetensors(smollm2):
     assert "quantization_config" not in (directory / "config.json").read_text()
 
 
+@pytest.mark.slow
 def test_demo_command_end_to_end(tmp_path, capsys):
     """The README's main job, shortened: exit status 0 only when every variant's logits agree."""
     from peftkit.cli import main

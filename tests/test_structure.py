@@ -87,8 +87,9 @@ def _edges() -> dict[str, set[str]]:
     return graph
 
 
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Every strongly connected component with more than one module, each with one concrete cycle through it."""
+def _cycles(graph: dict[str, set[str]]) -> list[tuple[list[str], list[str]]]:
+    """(one concrete cycle, every module in its strongly connected component) for each component of more than one
+    module: breaking that cycle may leave others among the same modules."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -122,7 +123,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     for v in sorted(graph):
         if v not in index:
             connect(v)
-    return [_one_cycle(graph, comp) for comp in components]
+    return [(_one_cycle(graph, comp), comp) for comp in components]
 
 
 def _one_cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
@@ -149,11 +150,12 @@ def _one_cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
 
 def test_import_graph_has_no_cycle():
     cycles = _cycles(_edges())
+    lines = [" -> ".join(cycle) + (f"   (modules tangled together: {', '.join(comp)})" if len(comp) + 1 > len(cycle)
+                                   else "") for cycle, comp in cycles]
     assert not cycles, (
-        f"{len(cycles)} import cycle(s) in src/{PACKAGE} (static imports, function-local ones included; each "
-        "line is one cycle, then every module caught in it). Break each by moving the shared piece down to a "
-        "module both can import, or by dispatching through a registry:\n"
-        + "\n".join(" -> ".join(c) for c in cycles)
+        f"{len(cycles)} import cycle(s) in src/{PACKAGE} (static imports, function-local ones included; a package "
+        "counts as its __init__). Break each by moving the shared piece down to a module both can import, or by "
+        "dispatching through a registry:\n" + "\n".join(lines)
     )
 
 
@@ -235,3 +237,54 @@ def test_the_checks_see_the_package():
     """Guard against the checks above passing vacuously (a wrong path finds no files, or no edges)."""
     assert f"{PACKAGE}.inject" in MODULES and len(MODULES) > 10, sorted(MODULES)
     assert sum(len(targets) for targets in _edges().values()) > 10
+
+
+# --- dependencies: the declared ranges are the tested ones ------------------------------------------------------
+ROOT = SRC.parent
+
+
+def _pins(name: str) -> dict[str, str]:
+    """name (normalized) -> version from a pip constraints file (comments and blank lines skipped)."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / name).read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            pkg, version = line.split("==")
+            pins[canonicalize_name(pkg)] = version.split("+")[0]  # torch's local "+cpu" is not part of the pin
+    return pins
+
+
+def test_declared_ranges_are_the_tested_ones():
+    """Every dependency in pyproject.toml is pinned in constraints.txt (what CI installs), inside its range, and its
+    lower bound is tested: the pin in constraints-lowest.txt (CI's second run) where there is one, else at least
+    the tested release's major.minor (patch releases inherit)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    tested, lowest = _pins("constraints.txt"), _pins("constraints-lowest.txt")
+    problems = []
+    for text in declared:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        lows = [Version(s.version) for s in req.specifier if s.operator in (">=", "==", "~=")]
+        if name not in tested:
+            problems.append(f"{text}: not pinned in constraints.txt")
+            continue
+        if not req.specifier.contains(tested[name]):
+            problems.append(f"{text}: the tested {tested[name]} (constraints.txt) is outside the range")
+        if not lows:
+            problems.append(f"{text}: no lower bound")
+        elif name in lowest:
+            low = Version(lowest[name])
+            if low not in req.specifier or lows[0].release != low.release[: len(lows[0].release)]:
+                problems.append(f"{text}: the lower bound is not the tested lowest {low} (constraints-lowest.txt)")
+        elif lows[0].release[:2] < Version(tested[name]).release[:2]:
+            problems.append(f"{text}: lower bound below the only tested release {tested[name]} (constraints.txt)")
+    assert not problems, "dependency ranges that are not the tested ones:\n" + "\n".join(problems)

@@ -5,13 +5,17 @@ key against the model before anything changes, and never unpickles a `.bin` file
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .files import check_fit, find_adapter_dir, read_config_dict, read_tensors, write_adapter
 from .inject import inject
+from .patterns import PatternError, matcher_for
 from .record import configs, mark_trainable, require_adapter, require_new
 from .registry import AdapterConfig, by_peft_type, config_from_peft_dict, for_config
 
@@ -44,19 +48,51 @@ def read_adapter(directory: str | os.PathLike, name: str = "default",
     return config, read_tensors(folder, allow_pickle=allow_pickle)
 
 
+def nonfinite(config: AdapterConfig, tensors: dict[str, Tensor]) -> list[str]:
+    """Every config value (e.g. `lora_alpha=inf`, `alpha_pattern['q_proj']=nan`) and tensor key holding NaN or
+    infinity: an adapter with them makes every output NaN."""
+    found: list[str] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{where}={value}")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{where}[{key!r}]")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+
+    for key, value in config.to_peft_dict().items():
+        walk(value, key)
+    found += sorted(k for k, v in tensors.items()
+                    if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()))
+    return found
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default", trainable: bool = False,
-                 allow_pickle: bool = False) -> nn.Module:
+                 allow_pickle: bool = False, allow_nonfinite: bool = False) -> nn.Module:
     """Load a PEFT-format adapter (any registered method) into `model` in place as adapter `name`, and make
     it active.
 
     Every key is checked against the model first (missing modules, wrong shapes, unexpected keys); on any
     problem the error lists every offending key and the model is left exactly as it was. With
     trainable=False every parameter ends frozen (inference); with True the adapter's weights train.
+    NaN or infinite tensors or config values (lora_alpha, alpha_pattern) are refused, naming them, unless
+    allow_nonfinite=True (e.g. to inspect a run that diverged).
     """
     require_new(model, name)
     config, tensors = read_adapter(directory, name, allow_pickle=allow_pickle)
+    bad = [] if allow_nonfinite else nonfinite(config, tensors)
+    if bad:
+        raise ValueError(f"adapter in {str(directory)!r} has NaN or infinite values in {len(bad)} place(s): "
+                         f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; nothing was changed. Its "
+                         "outputs would be NaN: retrain or restore it, or pass allow_nonfinite=True to load it anyway")
     method = by_peft_type(config.peft_type)
     want = method.expected(model, config)
+    refused = matcher_for(config).refused
+    if refused is not None:  # a regex of the file ran out of time: say that, not that every key is unexpected
+        raise PatternError(str(refused)) from None
     check_fit(f"adapter in {str(directory)!r}", tensors, want, config.base_model_name_or_path)
     inject(model, config, name, init=False)
     method.load_tensors(model, name, tensors, want)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,48 @@ PREFIX = "base_model.model."
 
 def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
     """Write `target` through `write(tmp_path)` and rename it into place: readers see the old file or the
-    new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
+    new one, never half of one. The file gets the mode open() would give it (0666 less the umask), so a
+    server running as another user can read what this process saved (mkstemp's files are always 0600)."""
+    tmp, mode = _new_temp_file(target)
     try:
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that made its own file (safetensors does)
+            os.chmod(tmp, mode)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _new_temp_file(target: Path) -> tuple[str, int]:
+    """(path, mode) of a new empty hidden file next to `target`, created exclusively (a name nobody else holds)
+    with mode 0666, which the kernel narrows by the process umask: the mode open() gives a new file, read
+    back without changing the process-wide umask."""
+    for _ in range(100):
+        tmp = str(target.parent / f".{target.name}.{secrets.token_hex(6)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+    raise FileExistsError(f"could not create a temporary file next to {target}")
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give the file at `path`, or every file under the folder `path`, the mode open() gives a new file (0666
+    less the umask). safetensors' save_file, and so transformers' save_pretrained, makes its files 0600
+    whatever the umask, which a server running as another user cannot read."""
+    path = Path(path)
+    probe, mode = _new_temp_file((path if path.is_dir() else path.parent) / "umask")
+    os.unlink(probe)
+    for f in path.rglob("*") if path.is_dir() else [path]:
+        if f.is_file() and not f.is_symlink():
+            current = stat.S_IMODE(f.stat().st_mode)
+            if current != mode and not current & 0o111:  # data files only; an executable keeps its mode
+                os.chmod(f, mode)
 
 
 def write_adapter(directory: str | os.PathLike, tensors: dict[str, Tensor], config: dict[str, Any],
@@ -67,10 +101,15 @@ def find_adapter_dir(directory: str | os.PathLike, name: str = "default") -> Pat
 
 
 def read_config_dict(folder: Path) -> dict[str, Any]:
+    """The folder's adapter_config.json as a dict; a ValueError naming the file when it is not a JSON object."""
     try:
-        return json.loads((folder / CONFIG_NAME).read_text())
+        data = json.loads((folder / CONFIG_NAME).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{folder / CONFIG_NAME} holds a JSON {type(data).__name__}, not an object ({{...}}) of "
+                         "config fields; save the adapter again (peftkit.save_adapter or PEFT's save_pretrained)")
+    return data
 
 
 def read_tensors(folder: Path, allow_pickle: bool = False) -> dict[str, Tensor]:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from . import hf
+from .files import honour_umask
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,6 +50,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     hf.mark_dequantized(model)  # the weights are plain; the gguf quantization tag would block later quantized loads
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    honour_umask(tmp)  # safetensors makes 0600 files whatever the umask
     if target.exists():  # another process finished first
         import shutil
 

@@ -138,7 +138,11 @@ def for_config(config: Any) -> Method:
 
 
 def config_from_peft_dict(data: dict[str, Any]) -> Any:
-    """Dispatch adapter_config.json on its peft_type (PEFT's default is LORA)."""
+    """Dispatch adapter_config.json on its peft_type (PEFT's default is LORA). A ValueError for anything but a
+    JSON object (a list, a number: a file that is not an adapter config)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"adapter_config.json must hold a JSON object ({{...}}) of config fields, not a JSON "
+                         f"{type(data).__name__}")
     return by_peft_type(data.get("peft_type", "LORA")).read_config(data)
 
 

@@ -5,6 +5,10 @@
 - "all-linear" is every linear layer (nn.Linear, transformers' Conv1D) except the output head;
 - exclude_modules uses the same rules; modules_to_save are never adapted;
 - layers_to_transform keeps only modules inside the listed layer indices.
+
+Every regex a config brings (target_modules, exclude_modules, layers_pattern) is untrusted and is matched
+through the config's bounded Matcher (peftkit.patterns): a pattern that backtracks without end is refused,
+named, after about a second of CPU time instead of freezing the process.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 from torch import nn
 
 from .hf import is_conv1d, lora_default_targets, model_type, output_head
+from .patterns import Matcher, matcher_for
 
 
 def adaptable_kind(module: nn.Module) -> str | None:
@@ -44,22 +49,25 @@ def named_modules_outside_wrappers(module: nn.Module, prefix: str = ""):
             yield from named_modules_outside_wrappers(child, name)
 
 
-def matches(spec: tuple[str, ...] | str | None, name: str) -> bool:
+def matches(spec: tuple[str, ...] | str | None, name: str, matcher: Matcher | None = None,
+            what: str = "target_modules") -> bool:
+    """Whether `spec` selects module `name`: a regex string must fullmatch it (through `matcher`, whose budget
+    bounds the time; a fresh one when None), a list entry must equal it or end it after a "."."""
     if spec is None:
         return False
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return (matcher or Matcher()).fullmatch(spec, name, what)
     return any(name == entry or name.endswith("." + entry) for entry in spec)
 
 
-def _layer_index(name: str, layers_pattern: tuple[str, ...] | None) -> int | None:
+def _layer_index(name: str, layers_pattern: tuple[str, ...] | None, matcher: Matcher) -> int | None:
     if not layers_pattern:
         m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
         return int(m.group(1)) if m else None
     for pattern in layers_pattern:
-        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
-        if m:
-            return int(m.group(1))
+        groups = matcher.groups(pattern, name, "layers_pattern", rf"(?:^|.*?\.){pattern}\.(\d+)\.")
+        if groups is not None:
+            return int(groups[0])
     return None
 
 
@@ -107,17 +115,18 @@ def select_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
     heads = output_head_names(model) if targets == "all-linear" else set()
     save = config.modules_to_save or ()
     selected, unsupported = [], []
+    matcher = matcher_for(config)
     for name, module in named_modules_outside_wrappers(model):
         if targets == "all-linear":
             hit = is_linear_like(module) and name not in heads
         else:
-            hit = matches(targets, name)
-        if not hit or matches(config.exclude_modules, name):
+            hit = matches(targets, name, matcher)
+        if not hit or matches(config.exclude_modules, name, matcher, "exclude_modules"):
             continue
         if save and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in save):
             continue
         if config.layers_to_transform is not None:
-            if _layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+            if _layer_index(name, config.layers_pattern, matcher) not in config.layers_to_transform:
                 continue
         if adaptable_kind(module) is None:
             unsupported.append(f"{name} ({type(module).__name__})")

@@ -245,6 +245,7 @@ def test_lora_spectra_equal_the_svd_of_the_scaled_update(tmp_path):
 
 
 # --- real trials, each in its own process --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_trial_that_cannot_start_is_recorded_as_failed(tmp_path, qa_jsonl):
     o = opts.build({"model": str(tmp_path / "no-model"), "data": qa_jsonl, "max_steps": 1})
     rec = sweep.run_trial(Candidate("lora", 4), o.replace(output_dir=str(tmp_path / "t")), timeout_s=120)
@@ -252,6 +253,7 @@ def test_a_trial_that_cannot_start_is_recorded_as_failed(tmp_path, qa_jsonl):
     assert (tmp_path / "t" / "trial.log").read_text()
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_on_a_tiny_model(tiny_model_dir, qa_jsonl, tmp_path, capsys):
     out = tmp_path / "sweep"
     args = sweep_parser().parse_args([

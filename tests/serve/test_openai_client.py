@@ -289,6 +289,7 @@ def test_queue_full_evictions_and_metrics(tiny_model_dir, served_dir, reference)
         engine.close()
 
 
+@pytest.mark.slow
 def test_cli_serves_a_model_directory(tiny_model_dir, adapter_sources, tmp_path):
     """`peftkit serve` as a user runs it: a subprocess on port 0, an explicit --adapter, admin on."""
     cmd = [sys.executable, "-m", "peftkit.cli", "serve", "--model", tiny_model_dir, "--port", "0",

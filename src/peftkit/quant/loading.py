@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .. import hf
+from ..files import honour_umask
 from ..targeting import output_head_names
 from . import nf4
 from .linear import BNB_STATE, NF4Linear
@@ -129,6 +130,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, format: str =
     if format == "bnb":
         return _save_bnb(model, directory, layers)
     save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    honour_umask(directory / "model.safetensors")  # safetensors makes 0600 files whatever the umask
     hf.save_config(model, directory)
     (directory / QUANT_CONFIG).write_text(json.dumps({"method": "nf4", "layers": layers}, indent=1))
     return directory
@@ -220,6 +222,7 @@ def _save_bnb(model: nn.Module, directory: Path, layers: dict) -> Path:
             state[key] = tensor
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})
+    honour_umask(directory / "model.safetensors")  # safetensors makes 0600 files whatever the umask
     first = next(iter(layers.values()))
     hf.save_config(model, directory, quantization_config={
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,

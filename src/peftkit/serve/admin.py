@@ -21,7 +21,7 @@ def add_admin_routes(app: FastAPI, registry, token: str) -> None:
     """GET /admin/adapters, POST /admin/adapters/{name}/load, DELETE /admin/adapters/{name}: Bearer `token`.
     Without an admin token these routes do not exist (404), so an open server cannot be reconfigured."""
     app.state.admin_registry, app.state.admin_token = registry, token
-    app.include_router(router)
+    app.include_router(router, include_in_schema=False)  # /openapi.json is public: it does not advertise them
 
 
 def authorized(request: Request):
@@ -53,8 +53,10 @@ async def unload(name: str, request: Request):
 
 
 def check_bearer(header: str | None, token: str) -> None:
-    """Raise 401 unless `header` is "Bearer <token>" (compared in constant time)."""
-    given = (header or "").removeprefix("Bearer ").strip() if (header or "").startswith("Bearer ") else ""
+    """Raise 401 unless `header` is "Bearer <token>" (the scheme in any case, as RFC 9110 says; the token
+    compared in constant time)."""
+    scheme, _, given = (header or "").strip().partition(" ")
+    given = given.strip() if scheme.lower() == "bearer" else ""
     if not given or not hmac.compare_digest(given.encode(), token.encode()):
         raise ApiError(401, "admin endpoints need the header `Authorization: Bearer <token>` with the server's "
                        "--admin-token", code="invalid_api_key")

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from . import routes_completions, routes_models
-from .limits import ERROR_TYPES, ApiError, BodyLimit, error_response, validation_message
+from .limits import ERROR_TYPES, ApiError, BodyLimit, CatchErrors, error_response, validation_message
 from .request import QueueFull
 from .schemas import error_body
 from .service import ServeService, service_of
@@ -43,6 +43,7 @@ def create_app(engine, registry, tokenizer, *, model_name: str, context_length: 
     app.state.metrics, app.state.engine, app.state.registry = service.metrics, engine, registry
     app.add_middleware(BodyLimit, limit=max_body_bytes,
                        on_reject=lambda path: service.observe_refused(path, 413))
+    app.add_middleware(CatchErrors, respond=internal_error)  # the outermost of ours: it also covers BodyLimit
     add_error_handlers(app)
     app.include_router(routes_completions.router)
     app.include_router(routes_models.router)
@@ -54,13 +55,12 @@ def create_app(engine, registry, tokenizer, *, model_name: str, context_length: 
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error answers in OpenAI's error JSON: validation (400), unknown routes, ours, the registry's,
-    a full queue (429) and anything unexpected (500)."""
+    """Every error answers in OpenAI's error JSON: validation (400), unknown routes, ours, the registry's and
+    a full queue (429); anything unexpected (500) is answered by the CatchErrors middleware."""
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
     for cls in (ApiError, AdapterError, QueueFull):
         app.add_exception_handler(cls, api_error)
-    app.add_exception_handler(Exception, internal_error)
 
 
 async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -84,7 +84,9 @@ def api_error(request: Request, err: Exception) -> JSONResponse:
 
 
 async def internal_error(request: Request, err: Exception) -> JSONResponse:
-    """Anything unexpected still answers in OpenAI's error JSON (500), naming the error."""
-    service_of(request).observe_refused(request.url.path, 500)
+    """Anything unexpected still answers in OpenAI's error JSON (500), naming the error; counted unless the
+    endpoint counted it already."""
+    if not getattr(request.state, "counted", False):
+        service_of(request).observe_refused(request.url.path, 500)
     return JSONResponse(error_body(f"internal server error: {type(err).__name__}: {err}", "server_error", None),
                         status_code=500)

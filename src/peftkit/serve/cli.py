@@ -62,6 +62,20 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_config(app, *, read_timeout: float = 30.0, keep_alive: float = 5.0, log_level: str = "warning", **kw):
+    """uvicorn's Config for `app` with the connection limits of `peftkit serve`: an idle kept-alive connection
+    closes after `keep_alive` seconds (uvicorn's own timer), and a request must arrive whole (headers and
+    body) within `read_timeout` seconds of its first byte or of the connection's start (limits.ReadDeadline),
+    so slow or silent connections (slowloris) cannot pile up. Other keywords go to uvicorn.Config."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from .limits import ReadDeadline
+
+    return uvicorn.Config(app, http=ReadDeadline.factory(H11Protocol, read_timeout), ws="none",
+                          timeout_keep_alive=keep_alive, log_level=log_level, **kw)
+
+
 def build_server(args: argparse.Namespace):
     """(app, engine, registry, base name) from the parsed arguments; the caller starts the engine."""
     import torch
@@ -84,7 +98,8 @@ def build_server(args: argparse.Namespace):
         model.to(args.device)
     registry = AdapterRegistry(model, adapter_dir=args.adapter_dir, adapters=adapters, max_loaded=args.max_loaded,
                                max_rank=args.max_rank)
-    engine = Engine(model, registry, max_batch=args.max_batch, max_queue=args.max_queue)
+    engine = Engine(model, registry, max_batch=args.max_batch, max_queue=args.max_queue,
+                    prefill_chunk=args.prefill_chunk or None)
     name = served_name(args.model, args.served_name)
 
     app = create_app(engine, registry, tokenizer, model_name=name,
@@ -106,6 +121,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     for flag in ("max_loaded", "max_rank", "max_batch", "max_queue", "max_tokens_limit", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("read_timeout", "keep_alive"):
+        if not getattr(args, flag) > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number of seconds, "
+                             f"got {getattr(args, flag)}")
     sock = bind(args.host, args.port)  # fail fast on a busy port, before the model loads
     try:
         app, engine, registry, name = build_server(args)
@@ -120,8 +139,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           f"{' (' + ', '.join(names[:8]) + (', ...' if len(names) > 8 else '') + ')' if names else ''}; "
           f"admin endpoints {'on' if args.admin_token else 'off'}", flush=True)
     print(f"peftkit serve: listening on {url}  (OpenAI base_url {url}/v1; Ctrl-C stops)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(server_config(app, read_timeout=args.read_timeout, keep_alive=args.keep_alive,
+                                          log_level=args.log_level, access_log=args.log_level == "debug",
+                                          timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after a graceful shutdown
@@ -161,8 +181,13 @@ def add_serve_command(sub) -> None:
     p.add_argument("--max-rank", type=int, default=64, help="refuse adapters of a higher LoRA rank (422)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together in one forward")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get 429")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prefill longer prompts in chunks of this many "
+                   "tokens, decoding the running requests between chunks (0: whole prompts at once)")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request bodies above this get 413")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a client may take to send a whole "
+                   "request (headers and body); slower connections are closed (408 when the headers never came)")
+    p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle kept-alive connection stays open")
     p.add_argument("--admin-token", default=os.environ.get("PEFTKIT_ADMIN_TOKEN") or None,
                    help="enable the admin endpoints, guarded by this Bearer token (default: $PEFTKIT_ADMIN_TOKEN, "
                    "which keeps it out of the process list; off when neither is given)")

@@ -1,12 +1,16 @@
 """Continuous batching: one background thread runs the decode steps of every active request together.
 
 New requests are prefilled together (their prompts left-padded in one forward, each row with its adapter's
-slot; each row's cache is then cut to its own tokens, as a prefill alone gives it), then join the batch:
-every decode step is ONE forward over all active rows (up to max_batch) with a shared KV cache, rows of
-different adapters side by side (the slot layers route them, see batched.py). Rows join and leave between
-steps. Rows hold different lengths, so the cache is left-padded; the attention mask hides the padding and
-explicit position_ids give each row its own positions, which is what makes a greedy response equal to the
-same request served alone. Finished rows are dropped and columns that are padding for every row are cut.
+slot; each row's cache is then cut to its own tokens, as a prefill alone gives it), then join the batch.
+A prompt longer than `prefill_chunk` tokens is prefilled chunk by chunk into its own cache instead, one
+chunk per loop turn with a decode step for the running rows in between, and joins when complete, so a long
+prompt stalls the others for one chunk, not for its whole prefill (prefill.py). A request whose client left
+is dropped before its prefill, or at the next chunk. Every decode step is ONE forward over all active rows
+(up to max_batch) with a shared KV cache, rows of different adapters side by side (the slot layers route
+them, see batched.py). Rows join and leave between steps. Rows hold different lengths, so the cache is
+left-padded; the attention mask hides the padding and explicit position_ids give each row its own positions,
+which is what makes a greedy response equal to the same request served alone. Finished rows are dropped and
+columns that are padding for every row are cut (kv.py).
 
 Sampling is per row with the request's own torch.Generator (seeded from `seed`), so batch neighbours never
 change a row's random draws; temperature 0 is greedy. A request ends at a stop token ("stop"), at max_tokens
@@ -25,9 +29,10 @@ from torch import Tensor, nn
 
 from .. import hf
 from ..hf import cache_length, kv_tensors, new_cache
-from .kv import left_pad
+from .kv import join_rows, keep_rows
+from .prefill import ChunkedPrefill, RowKV, admit_count, batched_prefill, is_chunked
 from .registry import AdapterRegistry, Lease
-from .request import EngineClosed, GenRequest, Handle, QueueFull
+from .request import EngineClosed, GenRequest, Handle, QueueFull, request_problems
 
 __all__ = ["Engine", "EngineClosed", "GenRequest", "Handle", "QueueFull", "sample"]
 
@@ -44,16 +49,24 @@ class _Row:
 
 
 class Engine:
-    """The batching loop over one model and its adapter registry (model.eval() is called: serving never trains)."""
+    """The batching loop over one model and its adapter registry (model.eval() is called: serving never trains).
 
-    def __init__(self, model: nn.Module, registry: AdapterRegistry, max_batch: int = 16, max_queue: int = 256) -> None:
+    prefill_chunk: the most prompt tokens one prefill forward takes (padding counted); longer prompts are
+    prefilled in chunks between decode steps. None: every prompt whole, whatever its length."""
+
+    def __init__(self, model: nn.Module, registry: AdapterRegistry, max_batch: int = 16, max_queue: int = 256,
+                 prefill_chunk: int | None = 512) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be at least 1, got {max_batch} and {max_queue}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk (--prefill-chunk) must be a positive number of tokens, or None (0 on the "
+                             f"command line) for whole prompts; got {prefill_chunk!r}")
         self.model = model.eval()
         self.registry = registry
         self.bank = registry.bank
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
         self._cache_arg = hf.cache_arg(model) or "past_key_values"
         self._keep_arg = hf.forward_accepts(model, "logits_to_keep")
         odd = sorted(set(hf.layer_types(model)) - hf.PLAIN_KV_LAYER_TYPES)
@@ -67,11 +80,12 @@ class Engine:
         self._count_lock = threading.Lock()
         self._queue: deque[_Row] = deque()
         self._rows: list[_Row] = []
+        self._prefilling: deque[tuple[_Row, ChunkedPrefill]] = deque()  # long prompts, first in line first
         self._cache = None  # the batch's transformers cache, (B, H, T, D) per layer, left-padded
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._stats = {"steps": 0, "batched_rows": 0, "prefills": 0, "completed": 0, "errors": 0,
-                       "generated_tokens": 0}
+        self._stats = {"steps": 0, "batched_rows": 0, "prefills": 0, "prefill_chunks": 0, "prefill_tokens": 0,
+                       "completed": 0, "errors": 0, "generated_tokens": 0}
 
     # --- public -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -89,9 +103,9 @@ class Engine:
             self._thread = None
         with self._cond:
             rows, self._queue = list(self._queue), deque()
-        for row in rows + self._rows:
+        for row in rows + [r for r, _ in self._prefilling] + self._rows:
             self._end(row, "cancelled", "the server is shutting down")
-        self._rows, self._cache = [], None
+        self._rows, self._cache, self._prefilling = [], None, deque()
 
     def submit(self, req: GenRequest) -> Handle:
         """Queue a request; raises ValueError (bad request), AdapterError (from acquire), QueueFull,
@@ -123,28 +137,10 @@ class Engine:
     def stats(self) -> dict:
         with self._cond:
             queued = len(self._queue)
-        return {"queue_depth": queued, "active": len(self._rows), **self._stats}
+        return {"queue_depth": queued, "active": len(self._rows), "prefilling": len(self._prefilling), **self._stats}
 
     def _check(self, req: GenRequest) -> None:
-        problems = []
-        ids = req.prompt_ids
-        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            problems.append("prompt_ids must be a non-empty list of token ids")
-        elif self.vocab_size and not all(0 <= t < self.vocab_size for t in ids):
-            problems.append(f"prompt_ids must lie in 0..{self.vocab_size - 1}")
-        if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
-            problems.append(f"max_tokens must be a positive integer, got {req.max_tokens!r}")
-        elif self.max_positions and ids and len(ids) + req.max_tokens > self.max_positions:
-            problems.append(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
-                            f"context of {self.max_positions} tokens; shorten the prompt or lower max_tokens")
-        if req.seed is not None and (not isinstance(req.seed, int) or isinstance(req.seed, bool)
-                                     or not 0 <= req.seed < 2**63):
-            problems.append(f"seed must be an integer in 0..2**63-1, got {req.seed!r}")
-        if not req.temperature >= 0:
-            problems.append(f"temperature must be >= 0, got {req.temperature!r}")
-        if not 0 < req.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {req.top_p!r}")
-        if problems:
+        if problems := request_problems(req, self.vocab_size, self.max_positions):
             raise ValueError("; ".join(problems))
 
     def _cancel_queued(self, handle: Handle) -> None:
@@ -160,21 +156,26 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closed and not self._queue and not self._rows:
+                    while not self._closed and not self._queue and not self._rows and not self._prefilling:
                         self._cond.wait()
                     if self._closed:
                         return
-                    room = min(len(self._queue), self.max_batch - len(self._rows))
-                    new = [self._queue.popleft() for _ in range(room)]
+                    room = self.max_batch - len(self._rows) - len(self._prefilling)
+                    take = admit_count((len(r.req.prompt_ids) for r in self._queue), room, self.prefill_chunk)
+                    new = [self._queue.popleft() for _ in range(take)]
+                ready: list[tuple[_Row, RowKV]] = []  # a long prompt's row whose prefill completed, to join
                 try:
-                    self._join(self._admit_all(new))
+                    self._join(self._admit_all(self._chunk_long(new)))
+                    ready = self._prefill_step()
+                    self._join(ready)
                     self._drop([r for r in self._rows if r.handle.cancelled.is_set()], "cancelled")
                     if self._rows:
                         self._decode()
                 except Exception as err:  # noqa: BLE001 - a bug here must not stop serving everyone else
-                    for row in {id(r): r for r in new + self._rows if not r.handle.done}.values():
+                    rows = new + [r for r, _ in ready + list(self._prefilling)] + self._rows
+                    for row in {id(r): r for r in rows if not r.handle.done}.values():
                         self._end(row, "error", f"internal error in the batching loop: {err!r}")
-                    self._rows, self._cache = [], None
+                    self._rows, self._cache, self._prefilling = [], None, deque()
 
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor, slots: list[int], cache) -> tuple[Tensor, object]:
         """Last-position logits (B, V) and the updated cache for ids (B, t) at `positions` (B, t)."""
@@ -185,34 +186,37 @@ class Engine:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         return out.logits[:, -1], cache
 
-    def _admit_all(self, rows: list[_Row]) -> list[tuple[_Row, list[tuple[Tensor, Tensor]]]]:
-        """Prefill the new requests together, each prompt left-padded to the longest (masked out, positions
-        counted from each row's first real token), and return (row, its own cache) for the rows that go on.
-        A row's cache is cut to its real tokens, (1, H, P_i, D) per layer, exactly what its prefill alone
-        gives. If the batched prefill fails, each row is prefilled alone, so only a row at fault fails."""
+    def _chunk_long(self, rows: list[_Row]) -> list[_Row]:
+        """Line up the rows whose prompts are prefilled in chunks; the others, to prefill whole now."""
+        whole = []
+        for row in rows:
+            if is_chunked(len(row.req.prompt_ids), self.prefill_chunk):
+                self._prefilling.append((row, ChunkedPrefill(row.req.prompt_ids, row.slot, self.prefill_chunk,
+                                                             self.device)))
+            else:
+                whole.append(row)
+        return whole
+
+    def _admit_all(self, rows: list[_Row]) -> list[tuple[_Row, RowKV]]:
+        """Prefill the new short requests together (prefill.batched_prefill) and return (row, its own cache)
+        for the rows that go on; requests whose clients left are dropped first, without a prefill. If the
+        batched prefill fails, each row is prefilled alone, so only a row at fault fails."""
         rows = [r for r in rows if not self._ended_by_cancel(r)]
-        if len(rows) < 2:
-            return [joined for r in rows if (joined := self._admit(r)) is not None]
-        lengths = [len(r.req.prompt_ids) for r in rows]
-        P = max(lengths)
-        ids = torch.tensor([[0] * (P - n) + r.req.prompt_ids for r, n in zip(rows, lengths)],
-                           device=self.device)  # (b, P)
-        offsets = torch.tensor([P - n for n in lengths], device=self.device)[:, None]  # (b, 1)
-        columns = torch.arange(P, device=self.device)[None]  # (1, P)
-        mask = (columns >= offsets).long()  # (b, P)
-        positions = (columns - offsets).clamp_(min=0)  # (b, P)
+        if not rows:
+            return []
         try:
-            logits, cache = self._forward(ids, positions, mask, [r.slot for r in rows], new_cache([]))
-        except Exception:  # noqa: BLE001 - find the rows that fail on their own
-            return [joined for r in rows if (joined := self._admit(r)) is not None]
+            logits, kvs = batched_prefill(self._forward, [r.req.prompt_ids for r in rows], [r.slot for r in rows],
+                                          self.device)
+        except Exception as err:  # noqa: BLE001 - find the rows that fail on their own
+            if len(rows) == 1:
+                self._end(rows[0], "error", f"prefill failed: {err!r}")
+                return []
+            return [joined for r in rows for joined in self._admit_all([r])]
         self._stats["prefills"] += len(rows)
-        kv = kv_tensors(cache)
-        joining = []
-        for i, (row, n, going_on) in enumerate(zip(rows, lengths, self._emit(rows, logits))):
-            row.length = n
-            if going_on:
-                joining.append((row, [(k[i:i + 1, :, P - n:], v[i:i + 1, :, P - n:]) for k, v in kv]))
-        return joining
+        self._stats["prefill_tokens"] += sum(len(r.req.prompt_ids) for r in rows)
+        for row in rows:
+            row.length = len(row.req.prompt_ids)
+        return [(row, kv) for row, kv, going_on in zip(rows, kvs, self._emit(rows, logits)) if going_on]
 
     def _ended_by_cancel(self, row: _Row) -> bool:
         if row.handle.cancelled.is_set():
@@ -220,23 +224,30 @@ class Engine:
             return True
         return False
 
-    def _admit(self, row: _Row) -> tuple[_Row, list[tuple[Tensor, Tensor]]] | None:
-        """Prefill one request alone: (the row, its cache) to join the batch, or None when it already ended."""
-        if self._ended_by_cancel(row):
-            return None
-        prompt = row.req.prompt_ids
-        n = len(prompt)
-        ids = torch.tensor([prompt], device=self.device)  # (1, P)
-        positions = torch.arange(n, device=self.device)[None]  # (1, P)
-        mask = torch.ones(1, n, dtype=torch.long, device=self.device)  # (1, P)
+    def _prefill_step(self) -> list[tuple[_Row, RowKV]]:
+        """Drop the long prompts whose clients left (before their first chunk or between two), then run the
+        next chunk of the first one; [(row, its cache)] when that completes its prompt and the row goes on."""
+        for item in [p for p in self._prefilling if p[0].handle.cancelled.is_set()]:
+            self._prefilling.remove(item)
+            self._end(item[0], "cancelled")
+        if not self._prefilling:
+            return []
+        row, prefill = self._prefilling[0]
+        before = prefill.done
         try:
-            logits, cache = self._forward(ids, positions, mask, [row.slot], new_cache([]))
+            logits = prefill.step(self._forward)
         except Exception as err:  # noqa: BLE001 - this request fails, nobody else
-            self._end(row, "error", f"prefill failed: {err!r}")
-            return None
+            self._prefilling.popleft()
+            self._end(row, "error", f"prefill failed at prompt token {before}: {err!r}")
+            return []
+        self._stats["prefill_chunks"] += 1
+        self._stats["prefill_tokens"] += prefill.done - before
+        if logits is None:
+            return []
+        self._prefilling.popleft()
         self._stats["prefills"] += 1
-        row.length = n
-        return (row, kv_tensors(cache)) if self._emit([row], logits)[0] else None
+        row.length = prefill.done
+        return [(row, prefill.kv())] if self._emit([row], logits)[0] else []
 
     def _decode(self) -> None:
         """One forward for every active row, then sampling row by row."""
@@ -330,17 +341,14 @@ class Engine:
         row.handle._finish(reason, error)
 
     # --- the batch's cache --------------------------------------------------------------------------
-    def _join(self, joining: list[tuple[_Row, list[tuple[Tensor, Tensor]]]]) -> None:
+    def _join(self, joining: list[tuple[_Row, RowKV]]) -> None:
         """Append rows (each with its cache, (1, H, L, D) per layer) to the batch in one copy, left-padding
         every part to the longest."""
         if not joining:
             return
         parts = ([(self._rows, kv_tensors(self._cache))] if self._rows else []) + [([r], kv) for r, kv in joining]
-        T = max(kv[0][0].shape[-2] for _, kv in parts)
-        self._rows = [r for rows, _ in parts for r in rows]
-        self._cache = new_cache([(torch.cat([left_pad(kv[i][0], T) for _, kv in parts]),
-                                  torch.cat([left_pad(kv[i][1], T) for _, kv in parts]))
-                                 for i in range(len(parts[0][1]))])
+        cache = new_cache(join_rows([kv for _, kv in parts]))
+        self._rows, self._cache = [r for rows, _ in parts for r in rows], cache
 
     def _keep(self, keep: list[int]) -> None:
         """Keep rows `keep` of the batch and cut columns that are padding in every remaining row."""
@@ -350,11 +358,7 @@ class Engine:
         if not self._rows:
             self._cache = None
             return
-        kv = kv_tensors(self._cache)
-        cut = kv[0][0].shape[-2] - max(r.length for r in self._rows)
-        index = torch.tensor(keep, device=self.device)
-        self._cache = new_cache([(k.index_select(0, index)[:, :, cut:], v.index_select(0, index)[:, :, cut:])
-                                 for k, v in kv])
+        self._cache = new_cache(keep_rows(kv_tensors(self._cache), keep, max(r.length for r in self._rows)))
 
     def _drop(self, rows: list[_Row], reason: str) -> None:
         if rows:

@@ -32,6 +32,7 @@ class Generation:
     chat: bool
     endpoint: str
     t0: float
+    gone: bool = False  # the client disconnected before the reply was complete
 
     @classmethod
     def of(cls, req, handles: list, tok, chat: bool, endpoint: str, t0: float) -> Generation:
@@ -89,13 +90,13 @@ async def collect(handle, stream: TextStream) -> str:
         return "".join([p async for p in parts])
 
 
-async def watch_disconnect(request: Request, handles: list) -> None:
-    """Cancel `handles` once the client disconnects (run as a task next to the reply)."""
+async def watch_disconnect(request: Request, gen: Generation) -> None:
+    """Mark `gen` gone and cancel its handles once the client disconnects (run as a task next to the reply)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    for handle in handles:
-        handle.cancel()
+    gen.gone = True
+    gen.cancel()
 
 
 def watch(request: Request, gen: Generation) -> asyncio.Task:
-    return asyncio.create_task(watch_disconnect(request, gen.handles))
+    return asyncio.create_task(watch_disconnect(request, gen))

@@ -31,6 +31,29 @@ class GenRequest:
     stop_token_ids: tuple[int, ...] = ()  # e.g. the tokenizer's eos / end-of-turn ids
 
 
+def request_problems(req: GenRequest, vocab_size: int | None, max_positions: int | None) -> list[str]:
+    """What is wrong with `req` for a model of this vocabulary and context (falsy: not known), one line each."""
+    problems = []
+    ids = req.prompt_ids
+    if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        problems.append("prompt_ids must be a non-empty list of token ids")
+    elif vocab_size and not all(0 <= t < vocab_size for t in ids):
+        problems.append(f"prompt_ids must lie in 0..{vocab_size - 1}")
+    if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+        problems.append(f"max_tokens must be a positive integer, got {req.max_tokens!r}")
+    elif max_positions and ids and len(ids) + req.max_tokens > max_positions:
+        problems.append(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
+                        f"context of {max_positions} tokens; shorten the prompt or lower max_tokens")
+    if req.seed is not None and (not isinstance(req.seed, int) or isinstance(req.seed, bool)
+                                 or not 0 <= req.seed < 2**63):
+        problems.append(f"seed must be an integer in 0..2**63-1, got {req.seed!r}")
+    if not req.temperature >= 0:
+        problems.append(f"temperature must be >= 0, got {req.temperature!r}")
+    if not 0 < req.top_p <= 1:
+        problems.append(f"top_p must be in (0, 1], got {req.top_p!r}")
+    return problems
+
+
 class Handle:
     """One submitted request: its tokens as they come, and how it ended.
 

@@ -43,6 +43,7 @@ async def generate(request: Request, req, prompts: list, endpoint: str, chat: bo
     """Start the request's engine requests and answer with JSON or a stream; a refused request is counted."""
     service = service_of(request)
     t0 = time.perf_counter()
+    request.state.counted = True  # from here every outcome is counted, so the 500 handler does not count it again
     try:
         handles = await service.start(req, prompts)
     except Exception as err:
@@ -56,13 +57,17 @@ async def generate(request: Request, req, prompts: list, endpoint: str, chat: bo
 
 
 async def json_response(request: Request, service: ServeService, gen: Generation) -> JSONResponse:
-    """The whole reply at once; the engine requests are cancelled if the client leaves before it is ready."""
+    """The whole reply at once; the engine requests are cancelled if the client leaves before it is ready,
+    and the request is then counted as 499 (client closed request), not as a 200 nobody received."""
     watcher = watch(request, gen)
     model, status = gen.req.model, 500
     try:
         texts = await asyncio.gather(*(collect(h, s) for h, s in zip(gen.handles, gen.streams)))
         usage = gen.usage()
         result = reply(gen, texts, gen.reasons(), usage)
+        if gen.gone:
+            status = 499
+            return JSONResponse(result.model_dump(), status_code=499)  # nobody reads it
         status = 200
         service.metrics.observe(model, gen.endpoint, 200, gen.elapsed(), usage.prompt_tokens, usage.completion_tokens)
         return JSONResponse(result.model_dump())

@@ -4,6 +4,9 @@ their streamed chunks, the model list, and OpenAI's error shape.
 Requests accept every field the official clients send. Fields peftkit does not implement (penalties,
 logprobs, tools, ...) are accepted at their neutral value and refused with a 400 naming the field
 otherwise, so nothing a client asks for is dropped silently; unknown fields are refused the same way.
+Text must be Unicode: a lone UTF-16 surrogate (JSON's "\\ud800" without its pair) is refused with a 400 naming
+the field, since no tokenizer can take it. A temperature or top_p so small that sampling can only pick the
+most likely token is served as greedy decoding (see sampling()), so no logit is ever divided by a subnormal.
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_N = 16  # choices per request; each one is a separate engine request
+GREEDY_TEMPERATURE = 1e-5  # below it, sampling is the argmax anyway (vLLM's _SAMPLING_EPS); logits / T overflows
+GREEDY_TOP_P = 1e-8  # below 1 / vocabulary size: only the most likely token is ever kept
 
 
 class _Request(BaseModel):
@@ -35,6 +41,15 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _check_text(cls, data: Any) -> Any:
+        if (field := lone_surrogate(data)) is not None:
+            raise PydanticCustomError("lone_surrogate", "{field} holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                                      "escape without its pair), which is not Unicode text; send valid UTF-8 text",
+                                      {"field": field})
+        return data
+
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
@@ -47,6 +62,14 @@ class _Request(BaseModel):
 
     def stops(self) -> list[str]:
         return list(self.stop or [])
+
+    def sampling(self) -> tuple[float, float]:
+        """(temperature, top_p) for the engine. A temperature below GREEDY_TEMPERATURE or a top_p below
+        GREEDY_TOP_P leaves only the most likely token to draw, so it is served as greedy decoding (0.0, 1.0):
+        what a client asking for "temperature near 0" expects, and logits / 1e-39 would overflow to inf."""
+        if self.temperature < GREEDY_TEMPERATURE or self.top_p < GREEDY_TOP_P:
+            return 0.0, 1.0
+        return self.temperature, self.top_p
 
     def unsupported(self) -> list[str]:
         """Fields set to something peftkit cannot honour (each would change the output if ignored)."""
@@ -220,8 +243,36 @@ class ModelList(BaseModel):
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
                param: str | None = None) -> dict:
-    """OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    """OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}. A lone surrogate that a message
+    quotes from the request is written as its escape, so the error itself can always be encoded."""
+    return {"error": {"message": unicode_safe(message), "type": type_, "param": unicode_safe(param), "code": code}}
+
+
+def unicode_safe(text: str | None) -> str | None:
+    """`text` with any lone surrogate written as a backslash escape (UTF-8 cannot encode it)."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def lone_surrogate(data: Any) -> str | None:
+    """Where parsed JSON holds a lone UTF-16 surrogate in a string or a key (JSON's escapes can carry one,
+    Unicode text cannot), as a path such as "messages[0].content"; None when there is none."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and unicode_safe(value) != value:
+                return path or "the request body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and not key.isascii() and unicode_safe(key) != key:
+                    return f"a key of {path or 'the request body'}"
+                if isinstance(item, (str, list, dict)):
+                    stack.append((f"{path}.{key}" if path else str(key), item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value) if isinstance(item, (str, list, dict)))
+    return None
 
 
 _Request.model_rebuild()

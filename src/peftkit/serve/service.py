@@ -5,7 +5,9 @@ tokenizer (behind a lock), the metrics and the server's limits, with plain metho
     handles = await service.start(req, ["Hello"])   # checked against every limit, then submitted
 
 The routes stay thin: they parse the request, call the service and shape the reply. Every limit a request
-can break is checked here before anything reaches the engine, so a refused request costs no batch row.
+can break is checked here before anything reaches the engine, so a refused request costs no batch row; text
+far longer than the context could hold is refused before the tokenizer sees it (a 1 MB prompt takes seconds
+to tokenize and ends in a 400 anyway).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .schemas import ChatRequest, CompletionRequest, ModelCard
 from .textstream import LockedTokenizer
 
 MAX_ROWS = 64  # prompts x n in one request
+CHARS_PER_TOKEN = 32  # a generous bound: text over context_length x this many characters cannot fit
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
 
 
@@ -56,6 +59,20 @@ class ServeService:
         self.metrics.observe("_invalid", self.endpoint_of(path), status, 0.0)
 
     # --- generation -----------------------------------------------------------------------------------------
+    def check_text_size(self, sizes: list[int], param: str) -> None:
+        """400 for a text (of sizes[i] characters) that cannot fit in the context whatever its tokens, checked
+        before tokenizing it, so huge prompts cost neither the tokenizer's time nor its lock."""
+        if not self.context_length:
+            return
+        limit = self.context_length * CHARS_PER_TOKEN
+        for i, size in enumerate(sizes):
+            if size > limit:
+                where = f"prompt {i}" if len(sizes) > 1 else ("the messages' text" if param == "messages" else
+                                                              "the prompt")
+                raise ApiError(400, f"{where} has {size} characters, more than this server tokenizes: the model's "
+                               f"context of {self.context_length} tokens x {CHARS_PER_TOKEN} characters per token = "
+                               f"{limit} characters; shorten it", param=param)
+
     def asked_tokens(self, prompts: list, req) -> int | None:
         """The request's max_tokens (None: not given), after the per-request row and token limits."""
         if len(prompts) * req.n > MAX_ROWS:
@@ -94,14 +111,15 @@ class ServeService:
     def submit(self, prepared: list[tuple[list[int], int]], req) -> list:
         """One engine request per (prompt, choice); on any failure the ones already submitted are cancelled."""
         adapter = None if req.model == self.model_name else req.model
+        temperature, top_p = req.sampling()
         handles = []
         try:
             for ids, max_tokens in prepared:
                 for j in range(req.n):
                     seed = None if req.seed is None else req.seed + j
                     handles.append(self.engine.submit(GenRequest(
-                        prompt_ids=list(ids), adapter=adapter, max_tokens=max_tokens, temperature=req.temperature,
-                        top_p=req.top_p, seed=seed, stop_token_ids=self.stops)))
+                        prompt_ids=list(ids), adapter=adapter, max_tokens=max_tokens, temperature=temperature,
+                        top_p=top_p, seed=seed, stop_token_ids=self.stops)))
         except BaseException:
             for handle in handles:
                 handle.cancel()
@@ -123,10 +141,12 @@ class ServeService:
         if bad := req.unsupported():
             raise ApiError(400, f"peftkit serve does not support {', '.join(bad)}; leave "
                            f"{'them' if len(bad) > 1 else 'it'} unset", param=bad[0])
+        self.check_text_size([len(p) if isinstance(p, str) else 0 for p in prompts], "prompt")
         return await run_in_threadpool(self.start_now, prompts, req)
 
     def render_chat(self, req: ChatRequest) -> str:
         """The chat request's messages as one prompt (blocking: the tokenizer's template)."""
+        self.check_text_size([sum(len(m.text()) for m in req.messages)], "messages")
         try:
             return self.tok.render_chat(req.rendered_messages())
         except ValueError as err:

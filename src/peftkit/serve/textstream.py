@@ -5,11 +5,15 @@ Decoding a token alone is wrong for byte-level BPE (a character can span tokens)
 emits what the newest ones added, holding back a trailing incomplete character (U+FFFD), as TGI and vLLM
 do. Text that could still be the start of a stop sequence is held back too, so a stream never shows
 text that the final response cuts; streamed pieces concatenated equal the non-streamed text exactly.
-LockedTokenizer serializes the app's use of one tokenizer across the event loop and worker threads.
+LockedTokenizer shares one tokenizer between the event loop and worker threads: encoding and chat templates
+run in worker threads behind one lock, and decoding (each streamed token, on the event loop) uses a copy
+behind a lock of its own, so a stream never waits for a long prompt being tokenized.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import threading
 
 REPLACEMENT = "\ufffd"
@@ -84,14 +88,25 @@ class TextStream:
 
 
 class LockedTokenizer:
-    """The tokenizer behind one lock: HF fast tokenizers raise "Already borrowed" when threads overlap."""
+    """The app's tokenizer, safe across the event loop and worker threads. HF fast tokenizers raise "Already
+    borrowed" when threads overlap on one instance, so encode() and render_chat() (seconds for a 1 MB text;
+    called from worker threads) hold `lock`, while decode() (one short window per streamed token, called on
+    the event loop) uses its own copy of the tokenizer behind `decode_lock`: the event loop never waits for
+    an encode. A tokenizer that cannot be copied shares the one instance and lock (and then it can wait)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.lock = tokenizer, threading.Lock()
+        try:
+            self.decoder, self.decode_lock = copy.deepcopy(tokenizer), threading.Lock()
+        except Exception as err:  # noqa: BLE001 - e.g. a tokenizer holding an object that cannot be copied
+            logging.getLogger(__name__).warning("the tokenizer cannot be copied (%s: %s); streams decode with the "
+                                                "encoding instance and may wait for long prompts",
+                                                type(err).__name__, err)
+            self.decoder, self.decode_lock = tokenizer, self.lock
 
     def decode(self, ids: list[int], **kw) -> str:
-        with self.lock:
-            return self.tokenizer.decode(ids, **kw)
+        with self.decode_lock:
+            return self.decoder.decode(ids, **kw)
 
     def encode(self, text: str) -> list[int]:
         with self.lock:

@@ -1,7 +1,9 @@
 """What an adapter's files must be for the server to batch it, checked before any slot is touched: LoRA only
 (not DoRA, not embeddings, not prefix or bottleneck adapters, no modules_to_save or bias training), every key
 a wrapped layer with the right shape (a wrong base gets every offending key named), rank <= max_rank, finite
-values that stay finite once the scaling is folded in and cast to the slots' dtype."""
+values that stay finite once the scaling is folded in and cast to the slots' dtype. The config's regexes are
+untrusted: they match through a bounded matcher (peftkit.patterns), and one that runs out of time is a 422
+naming it, while every other request goes on being served."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
 from ..files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, raise_if_unfit
+from ..patterns import PatternError
 from ..registry import config_from_peft_dict
 from ..targeting import select_targets
 from .batched import SlotBank, SlotLoraLayer
@@ -32,6 +35,14 @@ def parse_adapter(name: str, config_bytes: bytes, weight_bytes: bytes, model: nn
     """Validate an adapter's two files (their bytes) against the model's slot layers and return
     ({module path: (A (r, in), scaled B (out, r)) in the slots' dtype}, max rank, bytes in the slots).
     Raises AdapterError(422) naming what is wrong; nothing is written anywhere."""
+    try:
+        return _parse(name, config_bytes, weight_bytes, model, bank, max_rank)
+    except PatternError as err:  # a regex of the config refused or out of time (target, rank or alpha pattern)
+        raise AdapterError(422, f"adapter {name!r}: {CONFIG_NAME} cannot be used: {err}") from None
+
+
+def _parse(name: str, config_bytes: bytes, weight_bytes: bytes, model: nn.Module, bank: SlotBank,
+           max_rank: int) -> tuple[dict[str, tuple[Tensor, Tensor]], int, int]:
     try:
         config = config_from_peft_dict(json.loads(config_bytes))
     except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
@@ -56,6 +67,8 @@ def parse_adapter(name: str, config_bytes: bytes, weight_bytes: bytes, model: nn
     tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
     try:
         targets = select_targets(model, config)
+    except PatternError:
+        raise
     except ValueError as err:
         raise AdapterError(422, f"adapter {name!r} does not fit this model: {err}") from None
     foreign = [path for path, module in targets if not isinstance(module, SlotLoraLayer)]

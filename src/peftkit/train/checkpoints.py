@@ -14,6 +14,7 @@ and replacing go through hidden names too (`.del-...`, `.old-...`): a half-delet
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,12 +22,16 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..files import honour_umask
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -38,6 +43,41 @@ _HIDDEN = re.compile(r"\.(tmp|old|del)-step-(\d+)-(\d+)")  # kind, step, pid of 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or unreadable; the message names the path and what to do."""
+
+
+class WriteError(OSError):
+    """A run's file could not be written (most often: the disk is full); the message names the path.
+    `errno` is ENOSPC when the disk is full, and `filename` the path."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+_DISK_FULL = ("no space left on device", "storagefull", "os error 28", "disk quota exceeded")
+
+
+@contextmanager
+def writing(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn a failed write inside the block into a WriteError that names `path` and says why: an OSError,
+    torch.save's "[enforce fail at inline_container.cc ...] file write failed" RuntimeError, or a
+    SafetensorError, none of which names the file, and the first two not the full disk behind them."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if isinstance(e, (WriteError, CheckpointError)):
+            raise
+        chain, cause = [], e
+        while cause is not None and len(chain) < 8:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        full = any(getattr(c, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or
+                   any(m in str(c).lower() for m in _DISK_FULL) for c in chain)
+        why = ("no space left on device: the disk is full; free some space (or pass an --output-dir on another "
+               "disk), then rerun" if full else
+               f"{type(e).__name__}: {e}; the disk may be full, or the folder not writable")
+        error = WriteError(f"could not write {what} {path}: {why}")
+        error.errno, error.filename = (errno.ENOSPC if full else getattr(e, "errno", None)), str(path)
+        raise error from e
 
 
 def capture_rng() -> dict:
@@ -96,22 +136,34 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, params: dict[str, 
         raise ValueError(f"extra_dirs names must be plain folder names other than {sorted(reserved)}; got {bad}")
 
     root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    # copies: a snapshot the caller may go on training, and safetensors refuses tensors sharing storage
+    params = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in params.items()}
+    with writing(final, "checkpoint"):
+        _write_checkpoint(root, final, step, params, trainer_state, extra_dirs)
+    if keep_last > 0:
+        for old in [p for p in list_checkpoints(run_dir)[:-keep_last] if p != final]:
+            _delete(old)
+    return final
+
+
+def _write_checkpoint(root: Path, final: Path, step: int, params: dict[str, torch.Tensor], trainer_state: dict,
+                      extra_dirs: dict[str, Callable[[Path], None]]) -> None:
+    """save_checkpoint's writing: the files into a hidden folder, fsynced, the manifest, the rename."""
     root.mkdir(parents=True, exist_ok=True)
     _fsync_dir(root.parent)
     _clean_leftovers(root)
-    final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        # copies: a snapshot the caller may go on training, and safetensors refuses tensors sharing storage
-        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in params.items()}, str(tmp / PARAMS),
-                  metadata={"format": "pt"})
+        save_file(params, str(tmp / PARAMS), metadata={"format": "pt"})
         torch.save(trainer_state, tmp / TRAINER_STATE)
         _check_weights_only(tmp / TRAINER_STATE)
         for name, fill in extra_dirs.items():
             (tmp / name).mkdir()
             fill(tmp / name)
+        honour_umask(tmp)  # save_file makes 0600 files whatever the umask
         files = {}
         for f in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
             if f.is_symlink() or not f.is_file():
@@ -140,10 +192,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, params: dict[str, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep_last > 0:
-        for old in [p for p in list_checkpoints(run_dir)[:-keep_last] if p != final]:
-            _delete(old)
-    return final
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -93,13 +93,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from . import task
     from .scoring import exact_match, validation_loss
 
+    chats = data_mod.to_chats(data_mod.read_records(args.data), args.data) if args.data else None  # before loading
     model, tokenizer = _load(args)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     device = next(model.parameters()).device
     result: dict = {}
-    if args.data:
-        examples, stats = data_mod.build_examples(data_mod.read_records(args.data), tokenizer, args.max_length,
-                                                  "truncate", args.data)
+    if chats is not None:
+        examples, stats = data_mod.tokenize_chats(chats, tokenizer, args.max_length, "truncate", args.data)
         result["data"] = stats.describe()
         with torch.inference_mode():
             result["loss"] = validation_loss(model, examples, pad, device, args.batch_size, 1024)

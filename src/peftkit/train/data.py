@@ -1,7 +1,7 @@
 """Training data: read records, turn them into chats, tokenize with loss only on answers, batch them.
 
-The pipeline is `read_records` -> `record_to_messages` -> `tokenize_messages` (all three via `build_examples`)
--> `split_validation` -> `BatchOrder` + `collate`. Every problem a user can cause raises `DataError` naming the
+The pipeline is `read_records` -> `record_to_messages` (`to_chats`) -> `tokenize_messages` (labels.py;
+`tokenize_chats`; all three via `build_examples`) -> `split_validation` -> `BatchOrder` + `collate`. Every problem a user can cause raises `DataError` naming the
 file, the record and the fix; nothing is dropped without being counted in `DataStats`.
 """
 
@@ -15,7 +15,12 @@ from pathlib import Path
 
 import torch
 
-IGNORE_INDEX = -100  # the label torch's cross_entropy skips
+from .labels import IGNORE_INDEX, DataError, Example, check_options, render_chat, tokenize_messages
+
+# render_chat, tokenize_messages and the types are labels.py's; they are part of this module's API too
+__all__ = ["IGNORE_INDEX", "DataError", "Example", "DataStats", "read_records", "record_to_messages", "render_chat",
+           "tokenize_messages", "to_chats", "tokenize_chats", "build_examples", "split_validation", "collate",
+           "BatchOrder"]
 
 _JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -23,18 +28,6 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 _PAIRS = (("instruction", "output"), ("prompt", "completion"), ("question", "answer"))
 _EXPECTED = ("'messages' (chat: [{role, content}]), 'conversations' (ShareGPT: [{from, value}]), "
              "'instruction' + 'output' (optional 'input'), 'prompt' + 'completion', or 'question' + 'answer'")
-
-
-class DataError(ValueError):
-    """A problem with the user's data: the message names the file, the line or record, and the fix."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """One tokenized chat. `labels` equals `input_ids` on answer tokens and is -100 everywhere else."""
-
-    input_ids: list[int]
-    labels: list[int]
 
 
 @dataclass
@@ -89,7 +82,9 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
 def _parse_jsonl(path: Path, text: str) -> list[dict]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # lines end at "\n" only (a "\r" before it is whitespace to JSON): str.splitlines() would also split at
+    # U+2028, U+2029 and U+0085, which may stand unescaped inside a JSON string
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -180,96 +175,24 @@ def _turn(turn: object, n: int, sharegpt: bool, where: str) -> dict:
     return {"role": role, "content": content}
 
 
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """The chat as text: the tokenizer's chat template, or a plain instruction template when it has none."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        blocks = [{"system": "{}", "user": "### Instruction:\n{}", "assistant": "### Response:\n{}" +
-                   (tokenizer.eos_token or "")}[m["role"]].format(m["content"]) for m in messages]
-        if add_generation_prompt:
-            blocks.append("### Response:\n")
-        return "\n\n".join(blocks)
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # templates raise their own errors (empty prompt, roles not alternating, ...)
-        raise DataError(f"the tokenizer's chat template cannot render messages {[m['role'] for m in messages]}: "
-                        f"{e}; start the chat with a user (or system) message and alternate user/assistant") from e
+def to_chats(records: list[dict], source: str = "") -> list[list[dict]]:
+    """Each record's chat (see `record_to_messages`); a record in no known format raises DataError naming
+    "<source> record N" (N 1-based, in read order). Needs no tokenizer, so a run checks its data first."""
+    return [record_to_messages(record, f"{source} record {n}" if source else f"record {n}")
+            for n, record in enumerate(records, start=1)]
 
 
-def _check_options(max_length: int, overflow: str) -> None:
-    if overflow not in ("truncate", "skip"):
-        raise DataError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
-    if max_length < 2:
-        raise DataError(f"max_length must be at least 2 tokens, got {max_length}")
-
-
-def tokenize_messages(tokenizer, messages: list[dict], max_length: int,
-                      overflow: str = "truncate") -> tuple[Example | None, str]:
-    """Tokenize a chat with labels on every assistant answer and its end-of-turn token; status says what happened.
-
-    Answer i spans the text between render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]):
-    the content plus whatever the template puts after it (ChatML: "<|im_end|>\\n"; the trailing newline IS labelled,
-    which is harmless because generation stops at the end token). Token boundaries come from tokenizing each prefix;
-    where the tokenizer merges across a boundary, character offsets place it and a token straddling the boundary
-    counts as answer. Status: "ok", "truncated", "too_long" (overflow="skip") or "no_response" (no answer left).
-    """
-    _check_options(max_length, overflow)
-    full = render_chat(tokenizer, messages, False)
-    spans = []  # (start, end) character spans of the answers in `full`
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before, through = render_chat(tokenizer, messages[:i], True), render_chat(tokenizer, messages[:i + 1], False)
-        if not (through.startswith(before) and full.startswith(through)):
-            raise DataError(f"the chat template renders message {i + 1} differently depending on what follows, so "
-                            "the answer cannot be located; use a template whose rendering of a chat prefix is a "
-                            "prefix of the whole chat")
-        spans.append((len(before), len(through)))
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    offsets: list[tuple[int, int]] | None = None
-
-    def token_boundary(char: int, is_start: bool) -> int:
-        nonlocal offsets
-        prefix = tokenizer(full[:char], add_special_tokens=False)["input_ids"]
-        if ids[:len(prefix)] == prefix:
-            return len(prefix)
-        if offsets is None:  # the tokenizer merged across the boundary
-            if not getattr(tokenizer, "is_fast", False):
-                raise DataError("the tokenizer merges tokens across a prompt/answer boundary and, being a slow "
-                                "tokenizer, gives no character offsets; use the fast (tokenizers) version")
-            offsets = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        if is_start:  # tokens wholly inside the prompt
-            return sum(1 for _, end in offsets if end <= char)
-        return sum(1 for start, _ in offsets if start < char)  # tokens that begin inside the answer
-
-    labels = [IGNORE_INDEX] * len(ids)
-    for start, end in spans:
-        a, b = token_boundary(start, True), token_boundary(end, False)
-        labels[a:b] = ids[a:b]
-    status = "ok"
-    if len(ids) > max_length:
-        if overflow == "skip":
-            return None, "too_long"
-        ids, labels, status = ids[:max_length], labels[:max_length], "truncated"
-    if all(label == IGNORE_INDEX for label in labels):
-        return None, "no_response"
-    return Example(input_ids=list(ids), labels=labels), status
-
-
-def build_examples(records: list[dict], tokenizer, max_length: int, overflow: str = "truncate",
+def tokenize_chats(chats: list[list[dict]], tokenizer, max_length: int, overflow: str = "truncate",
                    source: str = "") -> tuple[list[Example], DataStats]:
-    """Tokenized examples for `records` and the counts of what was kept, truncated and skipped.
-
-    `source` (the file name) goes into error messages as "<source> record N" (N 1-based, in read order)."""
-    _check_options(max_length, overflow)
-    stats = DataStats(records=len(records), max_length=max_length)
+    """Tokenized examples for `chats` (from `to_chats`) and the counts of what was kept, truncated and skipped."""
+    check_options(max_length, overflow)
+    stats = DataStats(records=len(chats), max_length=max_length)
     examples = []
-    for n, record in enumerate(records, start=1):
-        where = f"{source} record {n}" if source else f"record {n}"
-        messages = record_to_messages(record, where)
+    for n, messages in enumerate(chats, start=1):
         try:
             example, status = tokenize_messages(tokenizer, messages, max_length, overflow)
         except DataError as e:
-            raise DataError(f"{where}: {e}") from e
+            raise DataError(f"{source} record {n}: {e}" if source else f"record {n}: {e}") from e
         if example is None:
             if status == "too_long":
                 stats.skipped_too_long += 1
@@ -280,6 +203,15 @@ def build_examples(records: list[dict], tokenizer, max_length: int, overflow: st
         stats.truncated += status == "truncated"
         examples.append(example)
     return examples, stats
+
+
+def build_examples(records: list[dict], tokenizer, max_length: int, overflow: str = "truncate",
+                   source: str = "") -> tuple[list[Example], DataStats]:
+    """Tokenized examples for `records` and the counts of what was kept, truncated and skipped.
+
+    `source` (the file name) goes into error messages as "<source> record N" (N 1-based, in read order)."""
+    check_options(max_length, overflow)
+    return tokenize_chats(to_chats(records, source), tokenizer, max_length, overflow, source)
 
 
 def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:

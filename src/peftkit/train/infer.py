@@ -22,6 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from .. import hf
 from ..adapters import set_active
 from ..checkpoint import load_adapter
+from ..files import honour_umask
 from ..merge import merge_and_unload
 from ..models import load_model
 from .data import render_chat
@@ -298,6 +299,7 @@ def merge_to_directory(model: str, adapters: list[str], out_dir: str | os.PathLi
     try:
         net.save_pretrained(tmp)  # transformers 5 always writes safetensors
         tokenizer.save_pretrained(tmp)
+        honour_umask(tmp)  # safetensors makes 0600 files whatever the umask
         diff = None
         if verify:
             diff = _reload_diff(tmp, ids, expected, net_dtype)

@@ -1,7 +1,7 @@
 """The training recipe's stages, in the order `loop.train` runs them (as torchtune's single-device recipe):
 
-    setup:  run directory (and the resume guard) -> base model -> data -> adapter -> optimizer -> scorer
-            -> resume or start
+    setup:  run directory (and the resume guard) -> data files read and checked -> base model -> data
+            tokenized -> adapter -> optimizer -> scorer -> resume or start
     loop:   (loop.py) one optimizer step per global batch; metrics, validation and checkpoints on schedule
     finish: final validation -> last checkpoint -> result (adapter or model) -> score -> summary
 
@@ -61,10 +61,33 @@ def setup_run_dir(o: TrainOptions, dist: Dist) -> tuple[Path, Path | None]:
         report.check_output_dir(out, resume=o.resume is not None, overwrite=o.overwrite)
     resume_from = ckpt.resolve_resume(out, o.resume) if o.resume else None
     if o.resume and resume_from is None:
-        raise ckpt.CheckpointError(f"--resume {o.resume}: no complete checkpoint in {out / 'checkpoints'}")
+        raise ckpt.CheckpointError(
+            f"--resume {o.resume}: {out} holds no complete checkpoint (the run stopped before writing its first "
+            f"one, which comes after --save-every steps), so there is nothing to continue from: rerun with "
+            f"--overwrite instead of --resume to start it over ({out / 'checkpoints'} is empty or incomplete)")
     if resume_from is not None:
         state.check_same_run(out, o)
+        if dist.is_main and (out / "metrics.jsonl").is_file():  # a damaged log is refused now, not after loading
+            report.read_metrics(out / "metrics.jsonl", warn=False)
     return out, resume_from
+
+
+def setup_records(o: TrainOptions, dist: Dist) -> tuple[list, list | None]:
+    """(the training chats, --val-data's or None), read and checked with the other things that need no model
+    (the model's name, the batch split), so that a missing or malformed file stops the run in a second, not
+    after the model has loaded. ([], None) for the built-in task, whose records need no file."""
+    from ..models import ALIASES, resolve_model_dir
+
+    if o.model not in ALIASES and not (Path(o.model).is_file() and Path(o.model).suffix == ".gguf"):
+        resolve_model_dir(o.model)  # a transformers directory, else an error saying which models are accepted
+    if o.batch_size % (dist.world_size * o.grad_accum):
+        raise ValueError(f"--batch-size {o.batch_size} must divide by processes x --grad-accum "
+                         f"({dist.world_size} x {o.grad_accum})")
+    if o.builtin:
+        return [], None
+    train = data_mod.to_chats(data_mod.read_records(o.data), str(o.data))
+    val = data_mod.to_chats(data_mod.read_records(o.val_data), str(o.val_data)) if o.val_data else None
+    return train, val
 
 
 def setup_model(o: TrainOptions, dist: Dist):
@@ -79,7 +102,8 @@ def setup_model(o: TrainOptions, dist: Dist):
     return model, tokenizer
 
 
-def _examples(o: TrainOptions, tokenizer) -> tuple[list, list, data_mod.DataStats]:
+def _examples(o: TrainOptions, tokenizer, chats: tuple[list, list | None]
+              ) -> tuple[list, list, data_mod.DataStats]:
     """(training examples, validation examples, statistics of the training data)."""
     if o.builtin:
         n = o.train_examples or o.batch_size * (o.max_steps or 40)
@@ -88,25 +112,21 @@ def _examples(o: TrainOptions, tokenizer) -> tuple[list, list, data_mod.DataStat
         train, stats = data_mod.build_examples(records, tokenizer, o.max_length, o.overflow, "built-in tickets")
         val, _ = data_mod.build_examples(val_records, tokenizer, o.max_length, o.overflow, "built-in validation")
         return train, val, stats
-    records = data_mod.read_records(o.data)
-    train, stats = data_mod.build_examples(records, tokenizer, o.max_length, o.overflow, str(o.data))
+    train_chats, val_chats = chats
+    train, stats = data_mod.tokenize_chats(train_chats, tokenizer, o.max_length, o.overflow, str(o.data))
     if not train:
         raise data_mod.DataError(f"{o.data}: no usable example ({stats.describe()}); raise --max-length or "
                                  "use --overflow truncate")
-    if o.val_data:
-        val, _ = data_mod.build_examples(data_mod.read_records(o.val_data), tokenizer, o.max_length, o.overflow,
-                                         str(o.val_data))
+    if val_chats is not None:
+        val, _ = data_mod.tokenize_chats(val_chats, tokenizer, o.max_length, o.overflow, str(o.val_data))
     else:
         train, val = data_mod.split_validation(train, o.val_fraction, o.seed) if len(train) > 1 else (train, [])
     return train, val, stats
 
 
-def setup_data(o: TrainOptions, tokenizer, dist: Dist) -> TrainData:
-    """Tokenized training and validation examples, and the global batch order over the training ones."""
-    train, val, stats = _examples(o, tokenizer)
-    if o.batch_size % (dist.world_size * o.grad_accum):
-        raise ValueError(f"--batch-size {o.batch_size} must divide by processes x --grad-accum "
-                         f"({dist.world_size} x {o.grad_accum})")
+def setup_data(o: TrainOptions, tokenizer, dist: Dist, chats: tuple[list, list | None]) -> TrainData:
+    """Tokenized training and validation examples (from `setup_records`' chats), and the global batch order."""
+    train, val, stats = _examples(o, tokenizer, chats)
     total_steps = o.max_steps or max(1, math.ceil(o.epochs * len(train) / o.batch_size))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return TrainData(train, val, stats, pad_id, data_mod.BatchOrder(len(train), o.batch_size, o.seed), total_steps)
@@ -162,8 +182,9 @@ def setup(o: TrainOptions) -> Run:
     """Every setup stage in order: the run, ready for its first (or resumed) step."""
     dist = dist_mod.init_distributed(o.device)
     out, resume_from = setup_run_dir(o, dist)
+    chats = setup_records(o, dist)  # no model needed: data errors come before the seconds of loading one
     model, tokenizer = setup_model(o, dist)
-    data = setup_data(o, tokenizer, dist)
+    data = setup_data(o, tokenizer, dist, chats)
     trainable, total = setup_adapter(o, model, dist)
     named, optimizer, scheduler = setup_optimizer(o, model, dist, data.total_steps)
     run = Run(o, dist, out, model, tokenizer, data, named, optimizer, scheduler, choose_scorer(o, tokenizer, dist),

@@ -7,9 +7,13 @@ import json
 import os
 import resource
 import sys
+import warnings
 from pathlib import Path
 
 import torch
+
+from ..files import atomic_write
+from .checkpoints import latest_checkpoint, writing
 
 RUN_FILES = ("run_options.json", "metrics.jsonl", "summary.json")
 
@@ -25,6 +29,11 @@ def check_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
         if not (path / "run_options.json").is_file():
             raise FileNotFoundError(f"--resume: {path} holds no peftkit run (no run_options.json)")
         return
+    finished = any((path / f).exists() for f in ("summary.json", "adapter", "model"))
+    if held and not overwrite and not finished and latest_checkpoint(path) is None:
+        raise FileExistsError(f"--output-dir {path} holds a run that stopped before writing its first checkpoint "
+                              f"({', '.join(held)}; no complete checkpoint in checkpoints/), so --resume has nothing "
+                              "to continue from: pass --overwrite to start it over, or choose another --output-dir")
     if held and not overwrite:
         raise FileExistsError(f"--output-dir {path} already holds a run ({', '.join(held)}); pass --resume latest "
                               "to continue it, --overwrite to replace it, or choose another --output-dir")
@@ -53,27 +62,60 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Metrics:
-    """Appends one JSON line per logged event; on resume, drops lines from after the checkpoint."""
+    """Appends one JSON line per logged event; on resume, drops lines from after the checkpoint (rewriting the
+    file atomically) and a last line cut short by a kill, with a warning."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None) -> None:
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(path) if row.get("step", 0) <= resume_step]
+            text = "".join(json.dumps(row) + "\n" for row in kept)
+            with writing(path, "the metrics log"):
+                atomic_write(path, lambda tmp: _write_synced(tmp, text))
 
     def log(self, **row) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with writing(self.path, "the metrics log"), open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def rows(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.path) if self.path.is_file() else []
+
+
+def read_metrics(path: Path, warn: bool = True) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line without its newline that is not valid JSON was cut short when
+    the process was killed while writing it: it is dropped, with a warning unless `warn` is False. Any other
+    line that is not a JSON object is an error naming the file and the line."""
+    lines = path.read_text(encoding="utf-8").split("\n")  # split() keeps a last line that has no newline
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # no newline after it: the write was cut short
+                if warn:
+                    warnings.warn(f"{path}: dropped its last line, which was cut short when the run was killed "
+                                  f"while writing it ({len(line)} characters: {line[:60]!r})", stacklevel=2)
+                continue
+            raise ValueError(f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno}): {line[:80]!r}; "
+                             "repair or delete that line, or pass --overwrite to start the run over") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number} holds a JSON {type(row).__name__}, not a row of metrics; "
+                             "repair or delete that line, or pass --overwrite to start the run over")
+        rows.append(row)
+    return rows
+
+
+def _write_synced(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def plot_loss(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -100,16 +142,19 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with writing(path, "the loss curve"):
+            fig.savefig(path)
+    finally:
+        plt.close(fig)
     return path
 
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    with writing(path, "the run's record"):
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def dir_bytes(path: Path) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import adapter_state_dict, save_adapter
+from ..files import honour_umask
 from . import checkpoints as ckpt
 from . import distributed as dist_mod
 from .method import trains_whole_model
@@ -115,9 +116,11 @@ def save_result(run: Run) -> Path:
     tensors = {k: full_tensor(v) for k, v in adapter_state_dict(run.model).items()} if run.sharded else None
     if not run.dist.is_main:
         return path
-    if not trains_whole_model(run.o):
-        save_adapter(run.model, path, tensors=tensors)
-    else:
-        run.model.save_pretrained(path, state_dict=tensors)
-        run.tokenizer.save_pretrained(path)
+    with ckpt.writing(path, "the model" if trains_whole_model(run.o) else "the adapter"):
+        if not trains_whole_model(run.o):
+            save_adapter(run.model, path, tensors=tensors)
+        else:
+            run.model.save_pretrained(path, state_dict=tensors)
+            run.tokenizer.save_pretrained(path)
+            honour_umask(path)  # safetensors makes 0600 files whatever the umask
     return path

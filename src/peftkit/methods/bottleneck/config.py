@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch.nn.functional as F
+
+from ...patterns import PatternError, check_pattern
 
 VARIANTS = ("houlsby", "pfeiffer")
 NON_LINEARITIES = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -42,10 +43,10 @@ class BottleneckConfig:
             problems.append("target_modules='all-linear' is a LoRA option; name the modules whose outputs get an "
                             "adapter (e.g. ['o_proj', 'down_proj']) or leave it None for the variant's default")
         elif isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as err:
-                problems.append(f"target_modules {self.target_modules!r} is not a valid regex: {err}")
+            try:  # untrusted when it came from a file: size, nesting and syntax checked before any match
+                check_pattern(self.target_modules, "target_modules")
+            except PatternError as err:
+                problems.append(str(err))
         if problems:
             raise ValueError("invalid BottleneckConfig: " + "; ".join(problems))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ... import hf
+from ...patterns import matcher_for
 from ...targeting import adaptable_kind, matches, named_modules_outside_wrappers
 from .config import BottleneckConfig
 from .layer import BottleneckLayer, bottleneck_dim
@@ -41,8 +42,9 @@ def select_bottleneck_targets(model: nn.Module, config: BottleneckConfig) -> lis
     hidden = hf.hidden_size(model)
     selected: list[tuple[str, nn.Module, int]] = []
     problems: list[str] = []
+    matcher = matcher_for(config)  # one time budget for the config's regex over every module name
     for path, module in named_modules_outside_wrappers(model):
-        if not matches(targets, path):
+        if not matches(targets, path, matcher):
             continue
         what = f"{path} ({type(module).__name__})"
         if getattr(module, "peftkit_wrapper", False) and not isinstance(module, BottleneckLayer):

@@ -7,9 +7,10 @@ the loader rebuilds it. Field names are HF PEFT's, so a PEFT user's config carri
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+from ...patterns import Matcher, PatternError, check_pattern, matcher_for
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -80,27 +81,32 @@ class LoraConfig:
         for pattern, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 problems.append(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
-        for pattern in [*self.rank_pattern, *self.alpha_pattern]:
+        for what, pattern in self.regexes():
             try:
-                re.compile(pattern)
-            except re.error as err:
-                problems.append(f"pattern {pattern!r} is not a valid regex: {err}")
-        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            try:
-                re.compile(self.target_modules)
-            except re.error as err:
-                problems.append(f"target_modules {self.target_modules!r} is not a valid regex: {err}")
+                check_pattern(pattern, what)
+            except PatternError as err:
+                problems.append(str(err))
         if problems:
             raise ValueError("invalid LoraConfig: " + "; ".join(problems))
+
+    def regexes(self) -> list[tuple[str, str]]:
+        """(field, pattern) for every regex this config holds: untrusted when it came from a file, so each is
+        checked here and matched through a bounded Matcher (peftkit.patterns)."""
+        found = [(f"{attr} key", key) for attr in ("rank_pattern", "alpha_pattern") for key in getattr(self, attr)]
+        found += [("layers_pattern", p) for p in self.layers_pattern or ()]
+        found += [(attr, value) for attr, value in (("target_modules", self.target_modules),
+                                                    ("exclude_modules", self.exclude_modules))
+                  if isinstance(value, str) and value != "all-linear"]
+        return found
 
     # --- per-module values -------------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
         """The rank for one module: the first rank_pattern key whose regex ends the name, else r."""
-        key = _pattern_key(self.rank_pattern, module_name)
+        key = _pattern_key(self.rank_pattern, module_name, matcher_for(self), "rank_pattern key")
         return self.rank_pattern[key] if key is not None else self.r
 
     def alpha_for(self, module_name: str) -> float:
-        key = _pattern_key(self.alpha_pattern, module_name)
+        key = _pattern_key(self.alpha_pattern, module_name, matcher_for(self), "alpha_pattern key")
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
     def scaling_for(self, module_name: str) -> float:
@@ -148,9 +154,10 @@ class LoraConfig:
         return replace(self, **changes)
 
 
-def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
-    """PEFT's rule: a pattern key applies when `(.*\\.)?(key)$` matches the module name."""
+def _pattern_key(patterns: dict[str, Any], module_name: str, matcher: Matcher, what: str) -> str | None:
+    """PEFT's rule: a pattern key applies when `(.*\\.)?(key)$` matches the module name (through the config's
+    bounded matcher: the keys may come from an untrusted file)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if matcher.groups(key, module_name, what, rf"(.*\.)?({key})$") is not None:
             return key
     return None
