@@ -281,16 +281,17 @@ def test_unsupported_models_fail_clearly():
 
 def test_cache_computed_without_the_prefix_is_refused():
     model = with_prefix(tiny_llama)
+    arg = peftkit.hf.cache_arg(model)  # `cache` from transformers 5.24 on, `past_key_values` before
     ids, mask = ids_and_mask()
     set_prefix_enabled(model, False)
-    cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+    cache = getattr(model(input_ids=ids, attention_mask=mask, use_cache=True), arg)
     set_prefix_enabled(model, True)
     with pytest.raises(ValueError, match="computed without prefix 'default'"):
-        model(input_ids=ids[:, :1], attention_mask=torch.ones(2, 6, dtype=torch.long), cache=cache)
-    cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+        model(input_ids=ids[:, :1], attention_mask=torch.ones(2, 6, dtype=torch.long), **{arg: cache})
+    cache = getattr(model(input_ids=ids, attention_mask=mask, use_cache=True), arg)
     set_prefix_enabled(model, False)
     with pytest.raises(ValueError, match="holds prefix 'default', which is not active"):
-        model(input_ids=ids[:, :1], attention_mask=torch.ones(2, 6, dtype=torch.long), cache=cache)
+        model(input_ids=ids[:, :1], attention_mask=torch.ones(2, 6, dtype=torch.long), **{arg: cache})
 
 
 def test_config_round_trip_and_validation():

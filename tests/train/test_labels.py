@@ -130,19 +130,22 @@ def tokenizers():
 
 @pytest.mark.parametrize("name, tokenizer", list(tokenizers()), ids=lambda x: x if isinstance(x, str) else "")
 def test_labels_equal_the_prefix_by_prefix_definition(name, tokenizer):
-    compared = errors = 0
+    refused = set()
     for chat_name, messages in CHATS.items():
         for max_length, overflow in ((100_000, "truncate"), (37, "truncate"), (37, "skip")):
             want = outcome(prefix_by_prefix, tokenizer, messages, max_length, overflow)
             got = outcome(tokenize_messages, tokenizer, messages, max_length, overflow)
             assert got == want, (name, chat_name, max_length, overflow)
-            compared += 1
-            errors += isinstance(want, tuple) and want[0] == "DataError"
-    assert compared == 3 * len(CHATS)
-    if name == "inconsistent":
-        assert errors == compared  # every chat has an answer before its last message
-    if name in ("chatml", "smollm2", "llama3", "numbered", "last_open"):
-        assert errors == 0
+            if isinstance(want, tuple) and want[0] == "DataError":
+                refused.add(chat_name)
+    if name == "inconsistent":  # every chat has an answer before its last message
+        assert refused == set(CHATS)
+    elif name == "llama2":  # it checks that the roles alternate, starting with the user
+        assert refused == {"two answers in a row", "starts with the answer"}
+    elif "no template" not in name:  # a template cannot render the empty chat before a first answer
+        assert refused == {"starts with the answer"}
+    else:
+        assert not refused
 
 
 @pytest.mark.real_model
