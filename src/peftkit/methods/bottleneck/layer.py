@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ...record import route_forward
 from .config import NON_LINEARITIES
 
 MERGE_REFUSAL = ("bottleneck adapters {names} cannot be merged into the base weights: the non-linearity between "
@@ -113,11 +114,7 @@ class BottleneckLayer(nn.Module):
 
     def _refresh(self) -> None:
         self.pending = tuple(n for n in self.active if n in self.bottleneck)
-        # With nothing to apply, calls go straight to the base module (no frame of ours), as in LoraLayer.
-        if (self.disabled or not self.pending) and self.row_adapters is None:
-            self.__dict__["forward"] = self.base  # called as a module: hooks on the base still fire
-        else:
-            self.__dict__.pop("forward", None)
+        route_forward(self, (self.disabled or not self.pending) and self.row_adapters is None)
 
     def delete_adapter(self, name: str) -> None:
         del self.bottleneck[name]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...record import route_forward
 from .fused import LoraLinearFunction, fusable, rows_for
 from .dora import merged_weight as dora_merged_weight
 from .dora import output_delta, unmerged_weight, weight_norm
@@ -138,13 +139,7 @@ class LoraLayer(nn.Module):
 
     def _refresh(self) -> None:
         self.pending = tuple(n for n in self.active if n in self.lora_A and n not in self.merged)
-        # With nothing to add (merged, disabled or no adapter active here) calls go straight to the base
-        # module: the wrapper then costs no frame of its own (about 7 us a layer at one token), and hooks
-        # registered on the base still fire, since the base is called as a module.
-        if (self.disabled or not self.pending) and self.row_adapters is None:
-            self.__dict__["forward"] = self.base
-        else:
-            self.__dict__.pop("forward", None)
+        route_forward(self, (self.disabled or not self.pending) and self.row_adapters is None)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
