@@ -111,6 +111,9 @@ def _spans_from_windows(tokenizer, messages: list[dict], full: str) -> list[tupl
     The pieces must rebuild `full` exactly, each generation prompt must sit where the answer starts, and the
     last answer's span must equal the one its real prefix renderings give; otherwise (or when a window cannot
     be rendered) None, and the caller renders every prefix."""
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistants:
+        return []
     renders: dict[tuple[tuple[int, ...], bool], str] = {}
 
     def render(indices: tuple[int, ...], prompt: bool) -> str:
@@ -130,12 +133,11 @@ def _spans_from_windows(tokenizer, messages: list[dict], full: str) -> list[tupl
         whole, rest = render(indices, prompt), render(indices if prompt else indices[:-1], False)
         return whole[len(rest):] if whole.startswith(rest) else None
 
-    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     try:
-        first = render((0,), False)
-        if not full.startswith(first):
+        opening = render((0,), False)
+        if not full.startswith(opening):
             return None
-        ends = [0, len(first)]  # ends[k]: where the rendering of messages[:k] ends in `full`
+        ends = [0, len(opening)]  # ends[k]: where the rendering of messages[:k] ends in `full`
         for k in range(1, len(messages)):
             piece = added(window(k), False)
             if piece is None or not full.startswith(piece, ends[k]):
@@ -149,13 +151,11 @@ def _spans_from_windows(tokenizer, messages: list[dict], full: str) -> list[tupl
             if prompt is None or not full.startswith(prompt, at) or at + len(prompt) > ends[i + 1]:
                 return None
             spans.append((at + len(prompt), ends[i + 1]))
-        if assistants:  # the last answer, as the definition finds it: two renders of (nearly) the whole chat
-            last = assistants[-1]
-            before = render_chat(tokenizer, messages[:last], True)
-            through = full if last == len(messages) - 1 else render_chat(tokenizer, messages[:last + 1], False)
-            if not (through.startswith(before) and full.startswith(through)) or spans[-1] != (len(before),
-                                                                                                len(through)):
-                return None
+        last = assistants[-1]  # the last answer as the definition finds it: two renders of (nearly) the whole chat
+        before = render_chat(tokenizer, messages[:last], True)
+        through = full if last == len(messages) - 1 else render_chat(tokenizer, messages[:last + 1], False)
+        if not (through.startswith(before) and full.startswith(through)) or spans[-1] != (len(before), len(through)):
+            return None
     except DataError:
         return None
     return spans
