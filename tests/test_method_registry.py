@@ -10,6 +10,7 @@ import pytest
 import peftkit
 from peftkit import registry
 from peftkit.methods.bottleneck import BottleneckConfig
+from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.prefix import PrefixConfig
 
@@ -19,26 +20,27 @@ CORE = ["registry.py", "record.py", "files.py", "inject.py", "adapters.py", "mer
         "targeting.py", "train/loop.py", "train/recipe.py", "train/run.py", "train/method.py", "train/loss.py",
         "plan/memory.py"]
 METHOD_WORDS = {"LORA", "BOTTLENECK", "PREFIX_TUNING", "lora", "dora", "qlora", "bottleneck",
-                "LoraConfig", "BottleneckConfig", "PrefixConfig", "LoraLayer", "BottleneckLayer", "PrefixAdapters"}
+                "LoraConfig", "BottleneckConfig", "PrefixConfig", "LoraLayer", "BottleneckLayer", "PrefixAdapters",
+                "IA3", "ia3", "IA3Config", "IA3Layer"}
 # Defaults, not dispatch: PEFT reads a config without peft_type as LORA, and the planner's default --method.
 ALLOWED = {"registry.py": {"LORA"}, "plan/memory.py": {"lora"}}
 
 
 def test_the_builtin_methods_are_registered_under_peft_types():
-    assert registry.peft_types() == ["LORA", "BOTTLENECK", "PREFIX_TUNING"]
-    assert registry.train_names() == ["lora", "qlora", "dora", "bottleneck", "prefix"]
+    assert registry.peft_types() == ["LORA", "BOTTLENECK", "PREFIX_TUNING", "IA3"]
+    assert registry.train_names() == ["lora", "qlora", "dora", "bottleneck", "prefix", "ia3"]
     assert registry.by_train_name("dora") is registry.by_peft_type("LORA")
     assert registry.nf4_train_names() == ["qlora"]
-    for config in (LoraConfig(target_modules=["q"]), BottleneckConfig(), PrefixConfig()):
+    for config in (LoraConfig(target_modules=["q"]), BottleneckConfig(), PrefixConfig(), IA3Config()):
         method = registry.for_config(config)
         assert method.config_class is type(config)
         assert type(registry.config_from_peft_dict(config.to_peft_dict())) is type(config)
 
 
 def test_unknown_types_and_names_are_refused_with_the_known_ones():
-    with pytest.raises(ValueError, match="'IA3'.*LORA, BOTTLENECK, PREFIX_TUNING"):
-        registry.config_from_peft_dict({"peft_type": "IA3"})
-    with pytest.raises(ValueError, match="'vera'.*lora, qlora, dora, bottleneck, prefix"):
+    with pytest.raises(ValueError, match="'VERA'.*LORA, BOTTLENECK, PREFIX_TUNING, IA3"):
+        registry.config_from_peft_dict({"peft_type": "VERA"})
+    with pytest.raises(ValueError, match="'vera'.*lora, qlora, dora, bottleneck, prefix, ia3"):
         registry.by_train_name("vera")
     with pytest.raises(TypeError, match="inject expects an adapter config .*got dict"):
         registry.for_config({"peft_type": "LORA"})

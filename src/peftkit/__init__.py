@@ -6,7 +6,7 @@
     peftkit.save_adapter(model, "out/adapter")
 """
 
-from . import methods  # registers the built-in methods (LoRA/DoRA, bottleneck, prefix)
+from . import methods  # registers the built-in methods (LoRA/DoRA, bottleneck, prefix, IA3)
 from .adapters import (
     active_adapters,
     delete_adapter,
@@ -22,6 +22,7 @@ from .inject import inject
 from .merge import merge, merge_and_unload, merged_adapters, unmerge
 from .methods.bottleneck import (BottleneckConfig, BottleneckLayer, bottleneck_state_dict, inject_bottleneck,
                                  load_bottleneck, save_bottleneck, unload_bottleneck)
+from .methods.ia3 import IA3Config, IA3Layer
 from .methods.lora import LoraConfig, LoraLayer, WeightAccess, combine
 from .methods.prefix import (
     PrefixConfig,
@@ -46,5 +47,5 @@ __all__ = [
     "save_quantized", "load_quantized", "BottleneckConfig", "BottleneckLayer", "inject_bottleneck",
     "unload_bottleneck", "save_bottleneck", "load_bottleneck", "bottleneck_state_dict", "PrefixConfig",
     "inject_prefix", "save_prefix", "load_prefix", "remove_prefix", "set_prefix_enabled", "fold_prefix",
-    "__version__",
+    "IA3Config", "IA3Layer", "__version__",
 ]

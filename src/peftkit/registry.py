@@ -49,6 +49,7 @@ class Method(Protocol):
     peft_type: str  # PEFT's peft_type, the key in adapter_config.json ("LORA", "BOTTLENECK", ...)
     config_class: type  # the frozen config dataclass, with from_peft_dict / to_peft_dict
     train_names: tuple[str, ...]  # the `peftkit train --method` / planner names this method serves
+    train_help: dict[str, str]  # train name -> what it is, for `--help` (e.g. "dora": "weight-decomposed LoRA")
     merge_refusal: str | None  # why merging is impossible (None: the method merges into the base weights)
     file_key_prefix: str  # what PEFT puts before the tensors' keys in this method's files
     ranked: bool  # has a rank r and target layers (the planner's rank candidates)
@@ -153,4 +154,10 @@ def methods() -> Iterable[Method]:
 def nf4_train_names() -> list[str]:
     """The train names whose frozen base is quantized to NF4 (QLoRA)."""
     return [n for m in _BY_TYPE.values() for n in m.nf4_train_names]
+
+
+def train_help() -> str:
+    """`--method` help text: each train name and what it is, in registration order."""
+    return "; ".join(f"{n} = {m.train_help[n]}" if n in m.train_help else n
+                     for n, m in _BY_TRAIN_NAME.items())
 

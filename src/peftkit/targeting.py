@@ -108,17 +108,27 @@ def _sample_names(model: nn.Module, linear_only: bool = False, limit: int = 8) -
     return seen
 
 
+def own_base(module: nn.Module, config) -> nn.Module:
+    """The module a wrapper of the config's own method wraps (`peftkit_peft_type` names the wrapper's method);
+    any other module as it is."""
+    if getattr(module, "peftkit_peft_type", None) == getattr(config, "peft_type", None):
+        return module.base
+    return module
+
+
 def select_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs the config adapts. Raises, naming the patterns and existing module
-    names, when nothing matches or when a matched module is of a type LoRA cannot wrap."""
+    names, when nothing matches or when a matched module is of a type the method cannot wrap. A wrapper of the
+    config's own method (a second adapter on the same layer) is judged by the module it wraps."""
     targets = config.target_modules if config.target_modules is not None else default_targets(model)
     heads = output_head_names(model) if targets == "all-linear" else set()
     save = config.modules_to_save or ()
     selected, unsupported = [], []
     matcher = matcher_for(config)
     for name, module in named_modules_outside_wrappers(model):
+        judged = own_base(module, config)
         if targets == "all-linear":
-            hit = is_linear_like(module) and name not in heads
+            hit = is_linear_like(judged) and name not in heads
         else:
             hit = matches(targets, name, matcher)
         if not hit or matches(config.exclude_modules, name, matcher, "exclude_modules"):
@@ -128,13 +138,13 @@ def select_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         if config.layers_to_transform is not None:
             if _layer_index(name, config.layers_pattern, matcher) not in config.layers_to_transform:
                 continue
-        if adaptable_kind(module) is None:
+        if adaptable_kind(judged) is None:
             unsupported.append(f"{name} ({type(module).__name__})")
             continue
         selected.append((name, module))
     if unsupported:
         raise ValueError(
-            f"target_modules {targets!r} matched modules LoRA cannot wrap: {', '.join(unsupported)}. "
+            f"target_modules {targets!r} matched modules {config.peft_type} cannot wrap: {', '.join(unsupported)}. "
             "Supported: nn.Linear, transformers' Conv1D, nn.Embedding; narrow the patterns to those."
         )
     if not selected:

@@ -36,6 +36,7 @@ def test_a_shape_from_a_real_config_counts_that_model_exactly():
     ("dora", lambda: peftkit.LoraConfig(r=4, target_modules="all-linear", use_dora=True)),
     ("bottleneck", lambda: peftkit.BottleneckConfig(variant="houlsby", reduction_factor=4)),
     ("prefix", lambda: peftkit.PrefixConfig(num_virtual_tokens=5)),
+    ("ia3", lambda: peftkit.IA3Config()),  # the planner's all-linear: IA3's defaults, as `train --method ia3`
 ])
 def test_planned_trainable_parameters_equal_what_inject_adds(method, config):
     model = tiny_llama()
@@ -77,12 +78,14 @@ def _measured_layer_bytes(model, adapted: bool, batch: int = 3, seq: int = 16) -
     return sum(n for ptr, n in saved.items() if ptr not in excluded) / (batch * seq)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "full"])
 def test_activation_bytes_per_token_match_what_autograd_saves(method):
     model = tiny_llama()
     shape = presets.from_config(model.config.to_dict())
     if method == "lora":
         peftkit.inject(model, peftkit.LoraConfig(r=4, target_modules="all-linear"))
+    elif method == "ia3":
+        peftkit.inject(model, peftkit.IA3Config())
     else:
         for p in model.parameters():
             p.requires_grad_(True)

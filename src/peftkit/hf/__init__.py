@@ -9,12 +9,13 @@ the core (inject, merge, checkpoint) stay free of it.
 Supported architectures (by `config.model_type`). "verified" means a test runs that feature on a tiny model
 of that type; "table" means peftkit has an entry (defaults, fused class) that is not covered by a test.
 
-    model_type  LoRA/DoRA  QLoRA     fused LoRA nodes  chunked   prefix       bottleneck  serving
-                                     (linear, SwiGLU)  head loss              defaults    (batching engine)
-    llama       verified   verified  verified          verified  verified     verified    verified
-    gpt2        verified   -         - (Conv1D bases)  -         verified     verified    verified
-    gemma2      verified   -         -                 verified  unsupported  -           -
+    model_type  LoRA/DoRA  QLoRA     fused LoRA nodes  chunked   prefix       bottleneck  IA3       serving
+                                     (linear, SwiGLU)  head loss              defaults    defaults  (batching engine)
+    llama       verified   verified  verified          verified  verified     verified    verified  verified
+    gpt2        verified   -         - (Conv1D bases)  -         verified     verified    verified  verified
+    gemma2      verified   -         -                 verified  unsupported  -           -         -
                                                       (soft-cap)
+    IA3 default targets for 27 model types (PEFT's table, compared with it by a test)
     mistral, qwen2, gemma, phi3     LoRA and bottleneck default targets (table)
     qwen3                           bottleneck default targets (table)
     gpt_neox, opt                   LoRA default targets (table)

@@ -8,10 +8,11 @@ from __future__ import annotations
 from torch import nn
 
 # --- what tests verify, per model_type (tiny models built from configs; see the package docstring) ----------
-FEATURES = ("lora", "dora", "qlora", "fused_linear", "fused_mlp", "head_loss", "prefix", "bottleneck", "serve")
+FEATURES = ("lora", "dora", "qlora", "fused_linear", "fused_mlp", "head_loss", "prefix", "bottleneck", "ia3",
+            "serve")
 VERIFIED: dict[str, frozenset[str]] = {
     "llama": frozenset(FEATURES),
-    "gpt2": frozenset({"lora", "dora", "prefix", "bottleneck", "serve"}),
+    "gpt2": frozenset({"lora", "dora", "prefix", "bottleneck", "ia3", "serve"}),
     "gemma2": frozenset({"lora", "head_loss"}),
 }
 
@@ -33,6 +34,38 @@ BOTTLENECK_DEFAULT_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
     "llama": _LLAMA_BLOCK_ENDS, "mistral": _LLAMA_BLOCK_ENDS, "qwen2": _LLAMA_BLOCK_ENDS, "qwen3": _LLAMA_BLOCK_ENDS,
     "gemma": _LLAMA_BLOCK_ENDS, "phi3": _LLAMA_BLOCK_ENDS,
     "gpt2": {"houlsby": ("attn.c_proj", "mlp.c_proj"), "pfeiffer": ("mlp.c_proj",)},
+}
+
+# --- IA3: target_modules=None / feedforward_modules=None pick these, by model_type (HF PEFT's two tables,
+# TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._FEEDFORWARD_MODULES_MAPPING): (targets, feedforward) --
+IA3_DEFAULT_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "llama4": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mixtral": (("k_proj", "v_proj", "w2"), ("w2",)),
+    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen3": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma3_text": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "phi": (("q_proj", "v_proj", "fc2"), ("fc2",)),
+    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "gpt_bigcode": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "gpt_neox": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
+    "gpt_neo": (("q_proj", "v_proj", "c_proj"), ("c_proj",)),
+    "gptj": (("q_proj", "v_proj", "fc_out"), ("fc_out",)),
+    "opt": (("q_proj", "k_proj", "fc2"), ("fc2",)),
+    "bloom": (("query_key_value", "mlp.dense_4h_to_h"), ("mlp.dense_4h_to_h",)),
+    "falcon": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
+    "RefinedWeb": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
+    "RefinedWebModel": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
+    "t5": (("k", "v", "wo"), ("wo",)),
+    "mt5": (("k", "v", "wi_1"), ()),
+    "bart": (("q_proj", "v_proj", "fc2"), ("fc2",)),
+    "bert": (("key", "value", "output.dense"), ("output.dense",)),
+    "roberta": (("key", "value", "output.dense"), ("output.dense",)),
+    "deberta": (("in_proj", "output.dense"), ("output.dense",)),
+    "deberta-v2": (("key_proj", "value_proj", "output.dense"), ("output.dense",)),
 }
 
 # --- prefix tuning: architectures whose cache PEFT builds specially (hybrid/sliding caches, shared-KV layers,
@@ -72,6 +105,12 @@ def bottleneck_default_targets(model: nn.Module, variant: str) -> tuple[str, ...
     """The modules a bottleneck adapter of `variant` follows by default, by model_type; None without an entry."""
     table = BOTTLENECK_DEFAULT_TARGETS.get(model_type(model))
     return None if table is None else table[variant]
+
+
+def ia3_defaults(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """IA3's (target_modules, feedforward_modules) for a config that leaves them None, by model_type; None
+    when the table has no entry."""
+    return IA3_DEFAULT_TARGETS.get(model_type(model))
 
 
 def is_conv1d(module: nn.Module) -> bool:

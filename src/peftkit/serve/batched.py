@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ..methods.lora import LoraConfig
-from ..methods.lora import WeightAccess, base_device, factor_shapes
+from ..methods.lora import factor_shapes
+from ..weights import WeightAccess, base_device
 from ..targeting import adaptable_kind, select_targets
 
 

@@ -40,9 +40,7 @@ class TrainOptions:
                                 "--data)", same_run=True)
     val_fraction: float = _opt(0.05, "share of --data held out for validation loss when --val-data is not given",
                                same_run=True)
-    method: str = _opt("lora", "adapter method: lora; qlora = LoRA on a 4-bit NF4 base with double quantization; "
-                       "dora = weight-decomposed LoRA; bottleneck = adapter layers (--variant); "
-                       "prefix = prefix tuning (--num-virtual-tokens); full = every weight trains (no adapter; "
+    method: str = _opt("lora", f"adapter method: {registry.train_help()}; full = every weight trains (no adapter; "
                        "the whole model is saved in <output-dir>/model)", METHODS, same_run=True)
     # the adapter
     r: int = _opt(16, "LoRA rank", same_run=True)

@@ -68,6 +68,7 @@ class BottleneckLayer(nn.Module):
     """Wraps one module; holds any number of named bottleneck adapters applied to its output."""
 
     peftkit_wrapper = True
+    peftkit_peft_type = "BOTTLENECK"  # the method whose wrapper this is
     peftkit_holder = True
 
     def __init__(self, base: nn.Module, size: int, path: str = "") -> None:

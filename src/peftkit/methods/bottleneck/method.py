@@ -31,6 +31,7 @@ class BottleneckMethod:
     peft_type = "BOTTLENECK"
     config_class = BottleneckConfig
     train_names = ("bottleneck",)
+    train_help = {"bottleneck": "adapter layers (--variant)"}
     merge_refusal = MERGE_REFUSAL
     file_key_prefix = PREFIX
     ranked = False  # has a rank and target layers (the planner's and sweep's rank candidates)

@@ -3,7 +3,8 @@
 from .combine import combine
 from .config import LoraConfig
 from .layer import LoraLayer, lora_layers
-from .weights import WeightAccess, base_device, factor_shapes, get_dense_weight
+from ...weights import WeightAccess, base_device, get_dense_weight
+from .weights import factor_shapes
 from .method import METHOD
 from .saved_copy import SavedCopy
 

@@ -19,17 +19,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...record import route_forward
+from ...weights import (WeightAccess, adapter_dtype, base_device, compute_dtype, get_dense_weight, merge_dtype,
+                        set_dense_weight)
 from .fused import LoraLinearFunction, fusable, rows_for
 from .dora import merged_weight as dora_merged_weight
 from .dora import output_delta, unmerged_weight, weight_norm
-from .weights import (WeightAccess, adapter_dtype, base_device, compute_dtype, factor_shapes, get_dense_weight,
-                      merge_dtype, set_dense_weight)
+from .weights import factor_shapes
 
 
 class LoraLayer(nn.Module):
     """Wraps one linear, Conv1D or embedding module; holds any number of named adapters."""
 
     peftkit_wrapper = True
+    peftkit_peft_type = "LORA"  # the method whose wrapper this is (targeting judges its own by their base)
     peftkit_holder = True
 
     def __init__(self, base: nn.Module, kind: str) -> None:

@@ -27,6 +27,8 @@ class LoraMethod:
     peft_type = "LORA"
     config_class = LoraConfig
     train_names = ("lora", "qlora", "dora")
+    train_help = {"lora": "low-rank adapters (LoRA)", "qlora": "LoRA on a 4-bit NF4 base with double quantization",
+                  "dora": "weight-decomposed LoRA"}
     merge_refusal = None
     file_key_prefix = PREFIX
     ranked = True  # has a rank and target layers (the planner's and sweep's rank candidates)

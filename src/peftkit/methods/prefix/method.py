@@ -44,6 +44,7 @@ class PrefixMethod:
     peft_type = PEFT_TYPE
     config_class = PrefixConfig
     train_names = ("prefix",)
+    train_help = {"prefix": "prefix tuning (--num-virtual-tokens)"}
     merge_refusal = MERGE_REFUSAL
     file_key_prefix = ""  # PEFT stores prompt_embeddings without the base_model.model. prefix
     ranked = False  # has a rank and target layers (the planner's and sweep's rank candidates)
