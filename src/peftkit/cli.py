@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "share, train a few steps, save (PEFT format), load into a fresh model, merge, and "
                           "check that all outputs agree. Exit status 1 if they do not.")
     demo.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a transformers dir or a .gguf file")
-    demo.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    demo.add_argument("--rank", "--r", "--lora-r", dest="rank", type=int, default=8, help="LoRA rank r (default 8)")
     demo.add_argument("--targets", default="all-linear", help="target_modules (default all-linear)")
     demo.add_argument("--steps", type=int, default=12, help="optimizer steps on the demo example (default 12)")
     demo.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--model", default="smollm2", help="'smollm2', a transformers dir or a .gguf file")
     targets.add_argument("--regex", action="store_true", help="treat the single target as a fullmatch regex")
     targets.add_argument("--exclude", nargs="*", default=[], help="module names to exclude")
-    targets.add_argument("--rank", type=int, default=8, help="rank used for the parameter count (default 8)")
+    targets.add_argument("--rank", "--r", "--lora-r", dest="rank", type=int, default=8,
+                         help="rank used for the parameter count (default 8)")
     targets.add_argument("-v", "--verbose", action="store_true", help="list every selected module")
     targets.set_defaults(func=_cmd_targets)
 
@@ -116,12 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_command(sub)
     add_sweep_command(sub)
     add_serve_command(sub)
+    for command in sub.choices.values():  # so that main() can answer a mistyped flag with its usage
+        command.set_defaults(command_parser=command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a mistyped flag: the subcommand's usage, not the top-level one
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv
     try:
         return args.func(args)

@@ -4,6 +4,7 @@ Llama saved as a transformers directory, and PEFT-format adapters with non-zero 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import shutil
 import socket
 import threading
@@ -32,6 +33,10 @@ def _is_fixture(obj) -> bool:
 _root = _load_root_conftest()
 globals().update({k: v for k, v in vars(_root).items() if not k.startswith("_") and not _is_fixture(v)
                   and k not in globals()})
+
+# the server's logs (peftkit.serve.*) are read with caplog here: a handler of our own keeps create_app from
+# adding its stderr one, whose lines would land in pytest's output after a test's capture has ended
+logging.getLogger("peftkit.serve").addHandler(logging.NullHandler())
 
 ADAPTER_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 ADAPTERS = {"alpha": (1, 4), "beta": (2, 8), "gamma": (3, 2)}  # name -> (seed, rank)

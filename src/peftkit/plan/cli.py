@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli_format import DefaultsHelpFormatter
 from . import hardware, memory, presets
 
 GIB = 2**30
@@ -30,7 +31,7 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def render(est: memory.Estimate) -> str:
+def render(est: memory.Estimate, target: hardware.GPU | None = None) -> str:
     s, shape = est.settings, est.shape
     adapter = f" r={s.r} on {', '.join(s.target_names(shape))}" if memory.ranked(s.method) else ""
     sharded = " (states sharded)" if s.num_gpus > 1 and s.method == "full" else ""
@@ -55,18 +56,22 @@ def render(est: memory.Estimate) -> str:
         if s.method == "full":
             line += f"  {row['gpus_sharded'] or '-'}"
         lines.append(line)
-    lines += ["", hardware.recommend(est)]
-    return "\n".join(lines)
+    lines += [hardware.legend(), "", hardware.recommend(est)]
+    fixes = hardware.fixes_text(est, target or hardware.target_gpu())
+    return "\n".join(lines + ([""] + fixes if fixes else []))
 
 
 def run(args: argparse.Namespace) -> int:
     shape = presets.resolve(args.model)
     est = memory.estimate(shape, settings_from_args(args))
+    target = hardware.target_gpu(args.max_memory)
     if args.json:
-        record = est.to_dict() | {"gpus": hardware.table(est), "recommendation": hardware.recommend(est)}
+        record = est.to_dict() | {"gpus": hardware.table(est), "recommendation": hardware.recommend(est),
+                                  "fit_legend": hardware.legend(), "target": target.name,
+                                  "fixes": hardware.fixes(est, target)}
         print(json.dumps(record, indent=2))
     else:
-        print(render(est))
+        print(render(est, target))
     return 0
 
 
@@ -76,10 +81,10 @@ def add_plan_command(sub) -> None:
                        "quantization statistics, gradients, optimizer states, activations, temporary buffers, "
                        "runtime), the trainable parameters and adapter size, and which common GPUs hold it. "
                        "Reads only a config: a preset name, a config.json, or a transformers directory.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("model", help=f"preset ({', '.join(presets.known())}), a config.json or a model directory")
     p.add_argument("--method", default="lora", choices=memory.METHODS, help="training method")
-    p.add_argument("--r", "--rank", dest="r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--r", "--rank", "--lora-r", dest="r", type=int, default=16, help="LoRA rank")
     p.add_argument("--target-modules", default="all-linear",
                    help="'all-linear', 'attention' or comma-separated layer names (q_proj,v_proj,...)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per GPU per micro-batch")
@@ -100,5 +105,8 @@ def add_plan_command(sub) -> None:
     p.add_argument("--answer-fraction", type=float, default=1.0,
                    help="share of tokens that carry a loss (the output head runs on those only)")
     p.add_argument("--loss-chunk", type=int, default=1024, help="rows of the output head computed at once")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                   help="memory to fit in GiB (default: the largest GPU in the table); when the setup does not "
+                   "fit, the changes that make it fit are listed")
     p.add_argument("--json", action="store_true", help="print a JSON record instead of text")
     p.set_defaults(func=run)

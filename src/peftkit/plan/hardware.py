@@ -2,14 +2,15 @@
 
 Capacities are the cards' memory in GiB as the driver reports it (a "48 GB" card has 48 GiB). An estimate
 fits when it is at most the capacity; within 10% of it the fit is called tight (allocator fragmentation and
-longer batches can push it over).
+longer batches can push it over). When a setup does not fit, `fixes` names the single changes that make it fit
+(gradient checkpointing, a smaller micro-batch, a smaller rank, an 8-bit optimizer, a 4-bit base) and by how much.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .memory import Estimate, Settings, estimate, quantized_base, ranked
+from .memory import OPTIMIZERS, Estimate, Settings, estimate, quantized_base, ranked
 from .presets import ModelShape
 
 GIB = 2**30
@@ -126,3 +127,75 @@ def _alternatives(est: Estimate) -> list[str]:
     if s.batch_size > 1:
         out.append(f"A micro-batch of 1 with {s.batch_size} gradient-accumulation steps lowers the activations.")
     return out
+
+
+def legend() -> str:
+    """What the fit words of the GPU table mean."""
+    return (f"fits: the estimate is at most {TIGHT:.0%} of the card's memory; tight: between {TIGHT:.0%} and 100% "
+            "(it should run, but allocator fragmentation or longer sequences can push it over); no: more than "
+            "the card holds.")
+
+
+def target_gpu(max_memory_gib: float | None = None) -> GPU:
+    """The memory a setup has to fit: --max-memory when given, else the largest card in the table."""
+    return GPU("the --max-memory budget", max_memory_gib) if max_memory_gib else GPUS[-1]
+
+
+def _halvings(value: int) -> list[int]:
+    """value // 2, value // 4, ... down to 1."""
+    out = []
+    while value > 1:
+        value //= 2
+        out.append(value)
+    return out
+
+
+def _candidates(s: Settings) -> list[tuple[str, list[tuple[str, Settings]]]]:
+    """Each kind of single change, with its steps from the mildest to the strongest."""
+    kinds = []
+    if not s.gradient_checkpointing:
+        kinds.append(("gradient checkpointing", [("--gradient-checkpointing", replace(s, gradient_checkpointing=True))]))
+    kinds.append(("smaller micro-batch", [
+        (f"--batch-size {b} with {s.batch_size // b} gradient-accumulation steps (same global batch)",
+         replace(s, batch_size=b)) for b in _halvings(s.batch_size)]))
+    if ranked(s.method):
+        kinds.append(("smaller rank", [(f"--r {r}", replace(s, r=r)) for r in _halvings(s.r)]))
+    if OPTIMIZERS[s.optimizer] > OPTIMIZERS["adamw8bit"]:
+        kinds.append(("8-bit optimizer", [("--optimizer adamw8bit", replace(s, optimizer="adamw8bit"))]))
+    if not quantized_base(s.method):
+        kinds.append(("QLoRA", [(f"--method qlora (r={s.r})", replace(s, method="qlora", num_gpus=1))]))
+    return kinds
+
+
+def fixes(est: Estimate, gpu: GPU) -> list[dict]:
+    """The single changes that make a setup that does not fit `gpu` fit it, best (smallest total) first: for
+    the micro-batch and the rank, the mildest step that fits. Empty when the setup already fits."""
+    if fit(est.total, gpu) != "no":
+        return []
+    found = []
+    for kind, steps in _candidates(est.settings):
+        for change, settings in steps:
+            total = estimate(est.shape, settings).total
+            if fit(total, gpu) != "no":
+                found.append({"kind": kind, "change": change, "total_gib": round(total / GIB, 2),
+                              "saving_gib": round((est.total - total) / GIB, 2), "fit": fit(total, gpu)})
+                break
+    return sorted(found, key=lambda f: f["total_gib"])
+
+
+def _one(name: str) -> str:
+    return name if name.startswith("the ") else "one " + name
+
+
+def fixes_text(est: Estimate, gpu: GPU) -> list[str]:
+    """Lines for the text report: each fix with its new total and saving, or why none is listed."""
+    if fit(est.total, gpu) != "no":
+        return []
+    found = fixes(est, gpu)
+    head = f"{est.total / GIB:.1f} GiB does not fit {_one(gpu.name)} ({gpu.memory_gib:g} GiB)"
+    if not found:
+        return [f"{head}; no single change makes it fit (combine them, or shard across GPUs)."]
+    lines = [f"{head}; each of these changes alone makes it fit, best first:"]
+    for f in found:
+        lines.append(f"  {f['total_gib']:>8.2f} GiB  (saves {f['saving_gib']:.2f} GiB, {f['fit']})  {f['change']}")
+    return lines

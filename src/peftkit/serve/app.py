@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from . import routes_completions, routes_models
+from .access import AccessLog, configure_logging
 from .limits import ERROR_TYPES, ApiError, BodyLimit, CatchErrors, error_response, validation_message
 from .request import QueueFull
 from .schemas import error_body
@@ -30,11 +31,16 @@ from .validate import AdapterError
 
 def create_app(engine, registry, tokenizer, *, model_name: str, context_length: int | None = None,
                stop_token_ids: tuple[int, ...] | list[int] = (), max_tokens_limit: int = 2048,
-               max_body_bytes: int = 1 << 20, admin_token: str | None = None) -> FastAPI:
+               max_body_bytes: int = 1 << 20, admin_token: str | None = None,
+               log_level: str | int | None = "INFO") -> FastAPI:
     """The FastAPI app serving `engine` (started by the caller, and closed by it after the server stops).
 
     context_length: the model's positions; a prompt plus max_tokens beyond it is refused with 400.
-    stop_token_ids: ids that end every reply (eos, end of turn). admin_token: enables /admin/adapters."""
+    stop_token_ids: ids that end every reply (eos, end of turn). admin_token: enables /admin/adapters.
+    log_level: the access and adapter logs go to stderr at this level (access.py), unless the application
+    configured the "peftkit.serve" logger already; None leaves logging alone."""
+    if log_level is not None:
+        configure_logging(log_level)
     app = FastAPI(title="peftkit serve", summary="OpenAI-compatible serving of many LoRA adapters on one base",
                   docs_url=None, redoc_url=None)
     service = ServeService(engine, registry, tokenizer, model_name=model_name, context_length=context_length,
@@ -43,7 +49,8 @@ def create_app(engine, registry, tokenizer, *, model_name: str, context_length: 
     app.state.metrics, app.state.engine, app.state.registry = service.metrics, engine, registry
     app.add_middleware(BodyLimit, limit=max_body_bytes,
                        on_reject=lambda path: service.observe_refused(path, 413))
-    app.add_middleware(CatchErrors, respond=internal_error)  # the outermost of ours: it also covers BodyLimit
+    app.add_middleware(CatchErrors, respond=internal_error)  # it also covers BodyLimit
+    app.add_middleware(AccessLog)  # the outermost of ours: one line per request, whatever answered it
     add_error_handlers(app)
     app.include_router(routes_completions.router)
     app.include_router(routes_models.router)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import socket
 import sys
@@ -36,6 +37,35 @@ def parse_adapters(items: list[str] | None) -> dict[str, str]:
             raise ValueError(f"--adapter {name!r} is given twice; use one name per adapter")
         out[name] = path
     return out
+
+
+def check_sources(args: argparse.Namespace) -> dict[str, str]:
+    """The --adapter NAME=PATH pairs, after checking every path and --adapter-dir on disk, so that a typo stops
+    `peftkit serve` at once (exit 2, naming the path) instead of after the seconds of loading the model."""
+    from ..files import CONFIG_NAME, WEIGHTS_NAME
+
+    adapters = parse_adapters(args.adapter)
+    if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
+        raise FileNotFoundError(f"--adapter-dir {args.adapter_dir!r} is not a directory; create it or fix the path")
+    for name, path in adapters.items():
+        where = f"--adapter {name}={path}"
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{where}: {'not a directory' if folder.exists() else 'no such directory'}; "
+                                    f"give the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+        if not (folder / CONFIG_NAME).is_file():
+            run_dir = (folder / "adapter" / CONFIG_NAME).is_file()
+            hint = f" (a training run? try {folder / 'adapter'})" if run_dir else ""
+            raise FileNotFoundError(f"{where}: no {CONFIG_NAME} in it{hint}")
+        try:
+            config = json.loads((folder / CONFIG_NAME).read_bytes())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{where}: {folder / CONFIG_NAME} is not readable JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{where}: {folder / CONFIG_NAME} holds a JSON {type(config).__name__}, not an object")
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{where}: no {WEIGHTS_NAME} in it (the server loads safetensors weights only)")
+    return adapters
 
 
 def served_name(model: str, given: str | None) -> str:
@@ -87,9 +117,7 @@ def build_server(args: argparse.Namespace):
     from .engine import Engine
     from .registry import AdapterRegistry
 
-    adapters = parse_adapters(args.adapter)
-    if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
-        raise FileNotFoundError(f"--adapter-dir {args.adapter_dir!r} is not a directory; create it or fix the path")
+    adapters = check_sources(args)
     dtype = torch_dtype(args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,6 +153,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not getattr(args, flag) > 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive number of seconds, "
                              f"got {getattr(args, flag)}")
+    check_sources(args)  # the adapters' files, before the port and the model
     sock = bind(args.host, args.port)  # fail fast on a busy port, before the model loads
     try:
         app, engine, registry, name = build_server(args)
@@ -154,6 +183,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_command(sub) -> None:
+    from ..cli_format import DefaultsHelpFormatter
+
     p = sub.add_parser(
         "serve", help="serve a base model with many LoRA adapters over an OpenAI-compatible HTTP API",
         description="Keep one base model in memory and serve it and any number of PEFT-format LoRA adapters over "
@@ -166,7 +197,7 @@ def add_serve_command(sub) -> None:
         "/admin/adapters/NAME/load, DELETE /admin/adapters/NAME (header `Authorization: Bearer TOKEN`). "
         "n > 1 is honoured (one engine request per choice, up to 16). It listens on loopback only unless "
         "--allow-remote is given.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2", help="base: 'smollm2' (embedded), a transformers dir or a .gguf file")
     p.add_argument("--served-name", default=None,
                    help="the base's name in the API (default: 'smollm2', or the model directory's name)")

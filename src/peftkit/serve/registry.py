@@ -18,6 +18,7 @@ content loads into a NEW slot and the name points there; leases on the old slot 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -33,6 +34,7 @@ from ..files import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from .batched import SlotBank, wrap_linears
 from .validate import AdapterError, parse_adapter
 
+log = logging.getLogger("peftkit.serve.adapters")  # load, reload, eviction, refusal (access.py prints it)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -232,7 +234,8 @@ class AdapterRegistry:
             if entry is None:
                 return False
             self._retire(entry)
-            return True
+        log.info("adapter %s unloaded (admin request)", name)
+        return True
 
     def _retire(self, entry: _Entry) -> None:
         """Under the lock: `entry` is no longer the current version; its slot frees at its last release."""
@@ -267,8 +270,15 @@ class AdapterRegistry:
                 with self._lock:
                     self._failed[name] = (signature, err)
                     self._stats.load_errors += 1
+                log.warning("adapter %s refused (%d): %s", name, err.status, err.message)
                 raise err from None
-            slot = self._reserve_slot(name)  # a 503 here is about the load, not the files: not remembered
+            with self._lock:
+                reloading = name in self._entries  # an older version is loaded: this load replaces it
+            try:
+                slot = self._reserve_slot(name)  # a 503 here is about the load, not the files: not remembered
+            except AdapterError as err:
+                log.warning("adapter %s refused (%d): %s", name, err.status, err.message)
+                raise
             try:
                 self.bank.write(slot, factors)
             finally:
@@ -281,6 +291,9 @@ class AdapterRegistry:
                     self._retire(old)
                     self._stats.reloads += 1
                 entry = _Entry(name, slot, key, signature, rank, nbytes, time.time(), seconds)
+                log.info("adapter %s %s: rank %d, slot %d, %d bytes, %.3f s (key %s)", name,
+                         "reloaded, its files changed" if reloading else "loaded", rank, slot, nbytes, seconds,
+                         key[:12])
                 self._entries[name] = entry
                 self._failed.pop(name, None)
                 self._stats.loads += 1
@@ -308,6 +321,8 @@ class AdapterRegistry:
                     self._stats.reloads += 1
                 else:
                     self._stats.evictions += 1
+                    log.info("adapter %s evicted: least recently used, to make room for %s (--max-loaded %d)",
+                             victim.name, name, self.max_loaded)
 
     # --- reporting --------------------------------------------------------------------------------
     def info(self) -> list[dict]:

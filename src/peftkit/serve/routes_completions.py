@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from .access import note
 from .generation import Generation, collect, watch
 from .limits import ApiError, status_of
 from .schemas import ChatChoice, ChatCompletion, ChatRequest, Completion, CompletionChoice, CompletionRequest, Usage
@@ -26,6 +27,7 @@ router = APIRouter()
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
+    note(request, model=req.model)
     try:
         prompts = req.prompts()
     except ValueError as err:
@@ -35,6 +37,7 @@ async def completions(req: CompletionRequest, request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatRequest, request: Request):
+    note(request, model=req.model)
     prompt = await run_in_threadpool(service_of(request).render_chat, req)
     return await generate(request, req, [prompt], "chat.completions", chat=True)
 
@@ -48,7 +51,7 @@ async def generate(request: Request, req, prompts: list, endpoint: str, chat: bo
         handles = await service.start(req, prompts)
     except Exception as err:
         status = status_of(err)
-        service.metrics.observe(service.model_label(req.model, status), endpoint, status, time.perf_counter() - t0)
+        service.finish(request, req.model, endpoint, status, time.perf_counter() - t0)
         raise
     gen = Generation.of(req, handles, service.tok, chat, endpoint, t0)
     if req.stream:
@@ -69,7 +72,7 @@ async def json_response(request: Request, service: ServeService, gen: Generation
             status = 499
             return JSONResponse(result.model_dump(), status_code=499)  # nobody reads it
         status = 200
-        service.metrics.observe(model, gen.endpoint, 200, gen.elapsed(), usage.prompt_tokens, usage.completion_tokens)
+        service.finish(request, model, gen.endpoint, 200, gen.elapsed(), usage.prompt_tokens, usage.completion_tokens)
         return JSONResponse(result.model_dump())
     except Exception as err:
         status = status_of(err)
@@ -78,7 +81,7 @@ async def json_response(request: Request, service: ServeService, gen: Generation
         watcher.cancel()
         gen.cancel()
         if status != 200:
-            service.metrics.observe(service.model_label(model, status), gen.endpoint, status, gen.elapsed())
+            service.finish(request, model, gen.endpoint, status, gen.elapsed())
 
 
 def reply(gen: Generation, texts: list[str], reasons: list[str], usage: Usage) -> ChatCompletion | Completion:

@@ -17,6 +17,7 @@ import time
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from .access import note
 from .limits import ApiError
 from .metrics import Metrics
 from .request import EngineClosed, GenRequest
@@ -53,6 +54,13 @@ class ServeService:
         if model == self.model_name or status < 400:
             return model
         return model if status not in (400, 404) and self.registry.has(model) else "_invalid"
+
+    def finish(self, request: Request, model: str, endpoint: str, status: int, seconds: float,
+               prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        """Count a finished generation request in the metrics and note it for the access log."""
+        self.metrics.observe(self.model_label(model, status), endpoint, status, seconds, prompt_tokens,
+                             completion_tokens)
+        note(request, model=model, status=status, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
     def observe_refused(self, path: str, status: int) -> None:
         """Count a request refused before it reached an endpoint (body limit, validation, internal error)."""

@@ -3,7 +3,7 @@
 Choices are interleaved as their tokens come (one task per engine handle feeds a queue), then, with
 stream_options.include_usage, a usage chunk, then `data: [DONE]`. An error mid-stream is sent as an error
 event. The request is counted in the metrics exactly once: when the stream ends, or as 499 when the client
-leaves, even before the first event.
+leaves, even before the first event; the access log (access.py) writes its line after that.
 """
 
 from __future__ import annotations
@@ -45,21 +45,21 @@ class EventStream(StreamingResponse):
 class StreamRecord:
     """Counts a stream in the metrics once: the first call wins (the end of the stream, or 499 on leaving)."""
 
-    def __init__(self, service, gen: Generation) -> None:
-        self.service, self.gen, self.recorded = service, gen, False
+    def __init__(self, service, gen: Generation, request: Request) -> None:
+        self.service, self.gen, self.request, self.recorded = service, gen, request, False
 
     def __call__(self, status: int) -> None:
         if self.recorded:
             return
         self.recorded = True
         gen = self.gen
-        self.service.metrics.observe(self.service.model_label(gen.req.model, status), gen.endpoint, status,
-                                     gen.elapsed(), gen.prompt_tokens(), gen.used_tokens())
+        self.service.finish(self.request, gen.req.model, gen.endpoint, status, gen.elapsed(), gen.prompt_tokens(),
+                            gen.used_tokens())
 
 
 def stream_response(request: Request, service, gen: Generation) -> EventStream:
     """The streaming reply to a started generation."""
-    record = StreamRecord(service, gen)
+    record = StreamRecord(service, gen, request)
     return EventStream(events(request, gen, record), gen.handles, functools.partial(record, 499))
 
 

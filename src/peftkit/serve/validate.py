@@ -50,7 +50,8 @@ def _parse(name: str, config_bytes: bytes, weight_bytes: bytes, model: nn.Module
     peft_type = getattr(config, "peft_type", None)
     if peft_type != "LORA":
         raise AdapterError(422, f"adapter {name!r} is a {peft_type} adapter; the server batches LoRA adapters "
-                                "only (prefix tuning and bottleneck adapters change the model's structure)")
+                                "only; other methods are not batched per row (a mergeable one can be merged into "
+                                "a base model with `peftkit merge` and that model served)")
     refused = [reason for cond, reason in (
         (config.use_dora, "use_dora=true (DoRA rescales whole weights and cannot share a batch)"),
         (bool(config.modules_to_save), f"modules_to_save={list(config.modules_to_save or [])}"),

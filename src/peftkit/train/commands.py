@@ -105,7 +105,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             result["loss"] = validation_loss(model, examples, pad, device, args.batch_size, 1024)
     else:
         tickets = task.eval_set(args.examples)
-        result["exact_match"] = exact_match(model, tokenizer, tickets, progress=True, label="built-in task")
+        result["exact_match"] = exact_match(model, tokenizer, tickets, progress=True, label="built-in task",
+                                            command="peftkit eval")
         result["examples"] = len(tickets)
         examples, _ = data_mod.build_examples([{"messages": t.messages()} for t in tickets], tokenizer, 512)
         result["loss"] = validation_loss(model, examples, pad, device, args.batch_size, 1024)
@@ -139,8 +140,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .infer import chat_loop
 
-    model, tokenizer = _load(args)
-    print("peftkit chat: type a message; /reset clears the conversation, /exit or Ctrl-D leaves.")
+    model, tokenizer = _load(args)  # chat_loop prints the intro
     chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     return 0
 
@@ -174,6 +174,8 @@ def add_commands(sub) -> None:
         "trainable share, adapter size and peak memory. Output: the adapter in PEFT format, metrics.jsonl, "
         "loss_curve.png, summary.json and checkpoints in --output-dir.")
     opts.add_arguments(train)
+    train.add_argument("--rank", dest="r", default=None, metavar="R", help="the same as --r and --lora-r (the name "
+                       "`plan`, `demo` and `targets` use)")
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="loss on a dataset, or exact match on the built-in task",

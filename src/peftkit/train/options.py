@@ -61,7 +61,8 @@ class TrainOptions:
     # optimisation
     lr: float = _opt(2e-4, "peak learning rate (AdamW)", same_run=True)
     weight_decay: float = _opt(0.0, "AdamW weight decay", same_run=True)
-    warmup_steps: int = _opt(10, "linear warm-up steps from 0 to --lr", same_run=True)
+    warmup_steps: int = _opt(10, "linear warm-up steps from 0 to --lr; when not given and more than 10%% of a short "
+                             "run's steps, shortened to 10%% of them (and said)", same_run=True)
     schedule: str = _opt("cosine", "learning-rate schedule after warm-up", SCHEDULES, same_run=True)
     batch_size: int = _opt(8, "examples per optimizer step, over all processes (the global batch)",
                            same_run=True)
@@ -98,12 +99,17 @@ class TrainOptions:
     fsdp: bool = _opt(False, "with more than one process: shard the frozen base with FSDP (fully_shard)")
     nproc: int = _opt(1, "processes for data-parallel training (a shortcut for torchrun --nproc_per_node N)")
     progress: bool = _opt(True, "show a progress bar")
+    # not an option: True when --warmup-steps was chosen (flag, YAML file, `build` or `replace`), so a short run
+    # keeps it (and is warned) instead of having the default shortened; set by `build` and `replace`
+    warmup_given: bool = field(default=False, metadata={"internal": True})
 
     @property
     def builtin(self) -> bool:
         return self.data is None
 
     def replace(self, **changes: Any) -> TrainOptions:
+        if "warmup_steps" in changes:
+            changes.setdefault("warmup_given", True)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,7 +121,26 @@ class TrainOptions:
 BUILTIN_PRESET = {"lr": 2e-3, "warmup_steps": 4, "max_steps": 36, "batch_size": 8, "max_length": 256,
                   "save_every": 18}
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
+FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions) if not f.metadata.get("internal")}
+WARMUP_SHARE = 0.1  # the longest default warm-up, as a share of the run's steps
+
+
+def effective_warmup(o: TrainOptions, total_steps: int) -> tuple[int, str | None]:
+    """(the warm-up steps a run of `total_steps` uses, a line to print about it or None). A warm-up that was
+    not chosen is shortened to 10% of a short run (at least 1 step): with the default 10 steps, a run of 8 never
+    reached --lr. A chosen one is kept, with a warning when the run ends inside it."""
+    cap = max(1, round(WARMUP_SHARE * total_steps))
+    if o.warmup_steps <= cap:
+        return o.warmup_steps, None
+    if not o.warmup_given:
+        return cap, (f"warm-up shortened from {o.warmup_steps} to {cap} steps (10% of this run's {total_steps}); "
+                     f"pass --warmup-steps to choose it")
+    if o.warmup_steps >= total_steps:
+        peak = o.lr * total_steps / (o.warmup_steps + 1)
+        return o.warmup_steps, (f"WARNING: the run ends inside its warm-up (--warmup-steps {o.warmup_steps}, "
+                                f"{total_steps} steps), so the learning rate never reaches --lr {o.lr:.3g} "
+                                f"(it peaks at {peak:.3g}); lower --warmup-steps or train for more steps")
+    return o.warmup_steps, None
 # the options a resumed run must keep (declared on the fields above with same_run=True)
 SAME_RUN = tuple(name for name, f in FIELDS.items() if f.metadata["same_run"])
 
@@ -177,6 +202,7 @@ def build(overrides: dict[str, Any] | None = None, config_file: str | None = Non
         merged.update(BUILTIN_PRESET)
     merged.update(from_file)
     merged.update(overrides)
+    merged["warmup_given"] = "warmup_steps" in from_file or "warmup_steps" in overrides
     options = TrainOptions(**merged)
     validate(options)
     return options
@@ -223,7 +249,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         default = f.default
         preset = BUILTIN_PRESET.get(name)
-        shown = f" (default {default}" + (f"; {preset} for the built-in task)" if preset is not None else ")")
+        if "(default" in f.metadata["help"]:  # the help states its default itself
+            shown = f" ({preset} for the built-in task)" if preset is not None else ""
+        else:
+            shown = f" (default {default}" + (f"; {preset} for the built-in task)" if preset is not None else ")")
         help_text = f.metadata["help"] + shown
         if str(f.type).startswith("bool"):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)

@@ -13,6 +13,7 @@ the method is in method.py. Nothing here changes process-wide settings (process.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from . import distributed as dist_mod
 from . import report, state, task
 from .distributed import Dist
 from .method import base_quantization, describe_method, inject_method
-from .options import TrainOptions
+from .options import TrainOptions, effective_warmup
 from .run import Run, TrainData
 from .scoring import choose_scorer, validation_loss
 
@@ -39,13 +40,16 @@ def make_optimizer(params: list, lr: float, weight_decay: float, sharded: bool =
 
 
 def lr_lambda(o: TrainOptions, total: int):
-    """The learning-rate factor of each step: linear warm-up, then constant, linear or cosine decay."""
+    """The learning-rate factor of each step: linear warm-up (`effective_warmup`'s length), then constant,
+    linear or cosine decay."""
+    warmup = effective_warmup(o, total)[0]
+
     def f(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / (o.warmup_steps + 1)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
         if o.schedule == "constant":
             return 1.0
-        progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        progress = (step - warmup) / max(1, total - warmup)
         if o.schedule == "linear":
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
@@ -173,7 +177,11 @@ def announce(run: Run) -> None:
     o, d = run.o, run.data
     print(f"peftkit train: {o.model}, {describe_method(o)}; "
           f"data: {d.stats.describe()}; {len(d.val)} validation examples; {d.total_steps} steps of "
-          f"{o.batch_size} on {run.dist.world_size} process(es), {run.dist.device}", flush=True)
+          f"{o.batch_size} on {run.dist.world_size} process(es), {run.dist.device}; warm-up "
+          f"{effective_warmup(o, d.total_steps)[0]} steps", flush=True)
+    note = effective_warmup(o, d.total_steps)[1]
+    if note:
+        print(f"peftkit train: {note}", file=sys.stderr if note.startswith("WARNING") else sys.stdout, flush=True)
     print(f"peftkit train: trainable {run.trainable_params:,} of {run.total_params:,} parameters "
           f"({100 * run.trainable_params / run.total_params:.3f}%)", flush=True)
 
@@ -216,6 +224,7 @@ def summarize(run: Run, metrics: report.Metrics, val_loss: float | None, train_s
     return {
         "output_dir": str(run.out), "adapter_dir": str(adapter_dir), "model": o.model, "method": o.method,
         "task": "built-in tickets" if o.builtin else str(o.data), "steps": run.data.total_steps,
+        "warmup_steps": effective_warmup(o, run.data.total_steps)[0],
         **run.scorer.summary(),
         "val_loss": val_loss, "final_loss": rows[-1]["loss"] if rows else None,
         "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,

@@ -35,14 +35,15 @@ def validation_loss(model, examples: list, pad_id: int, device, batch_size: int,
     return total / max(count, 1)
 
 
-def exact_match(model, tokenizer, tickets: list[task.Ticket], progress: bool, label: str) -> float:
-    """Share of `tickets` whose greedy answer is exactly the record, in eval mode."""
+def exact_match(model, tokenizer, tickets: list[task.Ticket], progress: bool, label: str,
+                command: str = "peftkit train") -> float:
+    """Share of `tickets` whose greedy answer is exactly the record, in eval mode; progress lines name `command`."""
     from .evaluate import greedy_exact_match
 
     was_training = model.training
     model.eval()
     if progress:
-        print(f"peftkit train: scoring {len(tickets)} held-out tickets ({label}) ...", flush=True)
+        print(f"{command}: scoring {len(tickets)} held-out tickets ({label}) ...", flush=True)
     score, _ = greedy_exact_match(model, tokenizer, [t.messages(with_answer=False) for t in tickets],
                                   [t.answer for t in tickets], progress=progress)
     model.train(was_training)
