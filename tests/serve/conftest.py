@@ -45,7 +45,8 @@ ADAPTERS = {"alpha": (1, 4), "beta": (2, 8), "gamma": (3, 2)}  # name -> (seed, 
 class LiveServer:
     """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread; `url` is its base address."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, config=None) -> None:
+        """`config`: a uvicorn.Config to run instead of the plain one (e.g. serve.cli.server_config's)."""
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -53,7 +54,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(config or uvicorn.Config(app, log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> LiveServer:

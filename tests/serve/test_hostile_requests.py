@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from conftest import LazyImport, make_tokenizer
+from conftest import LazyImport, LiveServer, make_tokenizer
 
 from peftkit.serve import QueueFull
 from peftkit.serve.app import create_app
-from peftkit.serve.cli import bind, server_config
+from peftkit.serve.cli import server_config
 
 openai = LazyImport("openai")  # imported by the first test that uses it
 
@@ -27,31 +27,9 @@ BIG = 1_000_000  # characters: a prompt just under the default --max-body-bytes 
 
 
 # --- a real uvicorn server around a scripted engine ---------------------------------------------------------
-class Served:
-    """uvicorn on 127.0.0.1:<free port> in a daemon thread, configured by serve.cli.server_config."""
-
-    def __init__(self, app, **config) -> None:
-        import uvicorn
-
-        self.sock = bind("127.0.0.1", 0)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(server_config(app, lifespan="off", **config))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
+def Served(app, **config) -> LiveServer:  # noqa: N802 - used like the class it was
+    """uvicorn configured by serve.cli.server_config (read deadline, keep-alive), as `peftkit serve` runs it."""
+    return LiveServer(app, server_config(app, lifespan="off", **config))
 
 
 class TickHandle:
