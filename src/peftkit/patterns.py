@@ -84,6 +84,17 @@ def check_pattern(pattern: Any, what: str) -> None:
     _compile(pattern, pattern, what, shown)
 
 
+def pattern_problems(pairs: list[tuple[str, str]]) -> list[str]:
+    """The check_pattern error of each (field, pattern) that fails, for a config's own validation."""
+    problems = []
+    for what, pattern in pairs:
+        try:
+            check_pattern(pattern, what)
+        except PatternError as err:
+            problems.append(str(err))
+    return problems
+
+
 def _compile(pattern: str, text: str, what: str, shown: str | None = None) -> regex.Pattern:
     """`text` (the checked `pattern`, or a regex built around it) compiled, or PatternError naming `pattern`."""
     try:

@@ -14,11 +14,21 @@ named, after about a second of CPU time instead of freezing the process.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from torch import nn
 
 from .hf import is_conv1d, lora_default_targets, model_type, output_head
 from .patterns import Matcher, matcher_for
+
+
+def as_tuple(value: Any) -> tuple | None:
+    """None, or a config's module list as a tuple (a set sorted, a scalar as a 1-tuple): hashable, frozen."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+    return (value,)
 
 
 def adaptable_kind(module: nn.Module) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from ...patterns import PatternError, check_pattern
+from ...patterns import pattern_problems
 
 VARIANTS = ("houlsby", "pfeiffer")
 NON_LINEARITIES = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -42,11 +42,8 @@ class BottleneckConfig:
         if self.target_modules == "all-linear":
             problems.append("target_modules='all-linear' is a LoRA option; name the modules whose outputs get an "
                             "adapter (e.g. ['o_proj', 'down_proj']) or leave it None for the variant's default")
-        elif isinstance(self.target_modules, str):
-            try:  # untrusted when it came from a file: size, nesting and syntax checked before any match
-                check_pattern(self.target_modules, "target_modules")
-            except PatternError as err:
-                problems.append(str(err))
+        elif isinstance(self.target_modules, str):  # untrusted when it came from a file: checked before any match
+            problems += pattern_problems([("target_modules", self.target_modules)])
         if problems:
             raise ValueError("invalid BottleneckConfig: " + "; ".join(problems))
 

@@ -6,20 +6,12 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from ...patterns import Matcher, PatternError, check_pattern
+from ...patterns import Matcher, pattern_problems
+from ...targeting import as_tuple
 
 # PEFT's IA3Config has no layers_to_transform / layers_pattern: they are written only when set (PEFT then
 # warns, ignores them and adapts every layer, with a vector of ones, a no-op, where the file has none)
 PEFT_LACKS = ("layers_to_transform", "layers_pattern")
-
-
-def as_tuple(value: Any) -> tuple | None:
-    """None, or the value as a tuple (a set sorted, a scalar as a 1-tuple): hashable config fields."""
-    if value is None or isinstance(value, tuple):
-        return value
-    if isinstance(value, (set, frozenset)):
-        return tuple(sorted(value))
-    return tuple(value) if isinstance(value, list) else (value,)
 
 
 def ends_with_regex(entries: tuple[str, ...]) -> str:
@@ -74,11 +66,7 @@ class IA3Config:
         if isinstance(ff, tuple) and isinstance(targets, tuple) and not set(ff) <= set(targets):
             problems.append(f"feedforward_modules must be a subset of target_modules (as in HF PEFT); "
                             f"{sorted(set(ff) - set(targets))} are not in target_modules {list(targets)}")
-        for what, pattern in self.regexes():
-            try:
-                check_pattern(pattern, what)
-            except PatternError as err:
-                problems.append(str(err))
+        problems += pattern_problems(self.regexes())
         if problems:
             raise ValueError("invalid IA3Config: " + "; ".join(problems))
 

@@ -10,19 +10,11 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from ...patterns import Matcher, PatternError, check_pattern, matcher_for
+from ...patterns import Matcher, matcher_for, pattern_problems
+from ...targeting import as_tuple
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")
-
-
-def as_tuple(value: Any) -> tuple | None:
-    """None, or the value as a tuple (a set sorted, a scalar as a 1-tuple): hashable config fields."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
-    return (value,)
 
 
 @dataclass(frozen=True)
@@ -81,11 +73,7 @@ class LoraConfig:
         for pattern, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 problems.append(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
-        for what, pattern in self.regexes():
-            try:
-                check_pattern(pattern, what)
-            except PatternError as err:
-                problems.append(str(err))
+        problems += pattern_problems(self.regexes())
         if problems:
             raise ValueError("invalid LoraConfig: " + "; ".join(problems))
 
