@@ -6,7 +6,13 @@
     peftkit.save_adapter(model, "out/adapter")
 """
 
-from . import methods  # registers the built-in methods (LoRA/DoRA, bottleneck, prefix, IA3)
+import sys as _sys
+
+from .cpu import passive_waits_for_command
+
+passive_waits_for_command(_sys.argv[0])  # the `peftkit` command only, and before torch loads (cpu.py says why)
+
+from . import methods  # noqa: E402  registers the built-in methods (LoRA/DoRA, bottleneck, prefix, IA3)
 from .adapters import (
     active_adapters,
     delete_adapter,

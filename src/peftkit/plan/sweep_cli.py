@@ -26,7 +26,7 @@ PASS_THROUGH = {
     "--dtype": ("dtype", str, "compute dtype of the frozen base: float32, bfloat16 or float16"),
     "--device": ("device", str, "cpu, cuda or cuda:N (default: cuda if available)"),
     "--threads": ("threads", int, "torch CPU threads per trial"),
-    "--eval-examples": ("eval_examples", int, (f"built-in task: held-out tickets scored per trial "
+    "--eval-examples": ("eval_examples", int, (f"held-out examples scored by generation per trial "
                                                     f"(default {SWEEP_EVAL_EXAMPLES} here)")),
 }
 

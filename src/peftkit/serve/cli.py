@@ -108,9 +108,7 @@ def server_config(app, *, read_timeout: float = 30.0, keep_alive: float = 5.0, l
 
 def build_server(args: argparse.Namespace):
     """(app, engine, registry, base name) from the parsed arguments; the caller starts the engine."""
-    import torch
-
-    from .. import hf
+    from .. import cpu, hf
     from ..models import load_model
     from ..train.infer import stop_ids, torch_dtype
     from .app import create_app
@@ -119,8 +117,7 @@ def build_server(args: argparse.Namespace):
 
     adapters = check_sources(args)
     dtype = torch_dtype(args.dtype)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    print(f"peftkit serve: {cpu.describe(cpu.configure_threads(args.threads))}", flush=True)
     model, tokenizer = load_model(args.model, dtype=dtype, quantize=args.quantize)
     if args.device != "cpu":
         model.to(args.device)
@@ -226,7 +223,8 @@ def add_serve_command(sub) -> None:
                    help="dtype of the base model's weights")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="load the base's linears in 4-bit NF4")
     p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: the cores "
+                   "free to the server when it starts)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (debug also logs every request)")
     p.set_defaults(func=_cmd_serve)

@@ -28,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(o)
     if summary:
         print(format_summary(summary))
-        if summary.get("exact_match_after") is not None:
+        if summary.get("exact_match_after") is not None and o.builtin:
             met = summary["exact_match_after"] >= 0.9
             print(f"  target >= 90% exact match: {'met' if met else 'NOT met'}")
     return 0
@@ -91,8 +91,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from . import data as data_mod
     from . import task
-    from .scoring import exact_match, validation_loss
+    from .scoring import answer_scores, describe_scores, exact_match, validation_loss
 
+    if args.examples < 0:
+        raise ValueError(f"--examples must be 0 or more, got {args.examples}")
     chats = data_mod.to_chats(data_mod.read_records(args.data), args.data) if args.data else None  # before loading
     model, tokenizer = _load(args)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -103,20 +105,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result["data"] = stats.describe()
         with torch.inference_mode():
             result["loss"] = validation_loss(model, examples, pad, device, args.batch_size, 1024)
+        if args.examples:
+            scored = chats[:args.examples]
+            result.update(answer_scores(model, tokenizer, scored, progress=not args.json,
+                                        label=f"first {len(scored)}", command="peftkit eval"))
     else:
         tickets = task.eval_set(args.examples)
-        result["exact_match"] = exact_match(model, tokenizer, tickets, progress=True, label="built-in task",
-                                            command="peftkit eval")
+        result["exact_match"] = exact_match(model, tokenizer, tickets, progress=not args.json,
+                                            label="built-in task", command="peftkit eval")
         result["examples"] = len(tickets)
         examples, _ = data_mod.build_examples([{"messages": t.messages()} for t in tickets], tokenizer, 512)
         result["loss"] = validation_loss(model, examples, pad, device, args.batch_size, 1024)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        if "exact_match" in result:
-            print(f"exact match on {result['examples']} held-out tickets: {100 * result['exact_match']:.1f}%")
         if "data" in result:
             print(f"data: {result['data']}")
+        if "exact_match" in result:
+            unit = "held-out tickets" if chats is None else "examples (greedy answers to their last assistant turn)"
+            print(f"on {result['examples']} {unit}: {describe_scores(result)}")
         print(f"loss (answer tokens): {result['loss']:.4f}")
     return 0
 
@@ -178,12 +185,16 @@ def add_commands(sub) -> None:
                        "`plan`, `demo` and `targets` use)")
     train.set_defaults(func=_cmd_train)
 
-    ev = sub.add_parser("eval", help="loss on a dataset, or exact match on the built-in task",
-                        description="Evaluate a base model with or without adapters: answer-token loss on --data, "
-                        "or (without --data) exact match and loss on the built-in task's held-out tickets.")
+    ev = sub.add_parser("eval", help="loss and answer match on a dataset, or on the built-in task",
+                        description="Evaluate a base model with or without adapters. On --data: answer-token loss "
+                        "over every record, and for the first --examples records the greedy answer to the last "
+                        "assistant turn, scored by exact match and (for JSON answers) JSON match: parsed and "
+                        "compared as values, so key order and spacing do not count. Without --data: exact match "
+                        "and loss on the built-in task's held-out tickets.")
     _inference_args(ev)
-    ev.add_argument("--data", default=None, help="a .jsonl/.json file or saved datasets directory to compute loss on")
-    ev.add_argument("--examples", type=int, default=100, help="held-out tickets to score (default 100)")
+    ev.add_argument("--data", default=None, help="a .jsonl/.json file or saved datasets directory to evaluate on")
+    ev.add_argument("--examples", type=int, default=100, help="records (or built-in tickets) to answer by greedy "
+                    "generation and score; 0: loss only (default 100)")
     ev.add_argument("--batch-size", type=int, default=8, help="examples per forward pass for the loss (default 8)")
     ev.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens")
     ev.add_argument("--json", action="store_true", help="print JSON")

@@ -7,6 +7,7 @@ file, the record and the fix; nothing is dropped without being counted in `DataS
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -201,7 +202,7 @@ def tokenize_chats(chats: list[list[dict]], tokenizer, max_length: int, overflow
             continue
         stats.kept += 1
         stats.truncated += status == "truncated"
-        examples.append(example)
+        examples.append(dataclasses.replace(example, chat=n - 1))
     return examples, stats
 
 

@@ -10,7 +10,7 @@ from one tokenization of the whole chat plus the short stretch since the last sp
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 IGNORE_INDEX = -100  # the label torch's cross_entropy skips
 
@@ -25,6 +25,9 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    # which chat of the list given to data.tokenize_chats it came from (0-based; -1 when made elsewhere), so a
+    # held-out example can be scored by generation from its chat
+    chat: int = field(default=-1, compare=False)
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:

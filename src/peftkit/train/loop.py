@@ -39,6 +39,8 @@ def train(o: TrainOptions) -> dict:
     run = recipe.setup(o)
     run.scorer.before_training(run.model)
     metrics = report.Metrics(run.out / "metrics.jsonl", run.dist.is_main, run.start_step if run.resumed else None)
+    if not run.resumed and run.data.val:  # where the curve starts: the base model's validation loss
+        metrics.log(step=0, val_loss=recipe.validate(run))
 
     run.model.train()
     total = run.data.total_steps

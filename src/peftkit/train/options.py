@@ -81,14 +81,16 @@ class TrainOptions:
     dtype: str = _opt("float32", "compute dtype of the frozen base", ("float32", "bfloat16", "float16"),
                       same_run=True)
     device: str | None = _opt(None, "cpu, cuda or cuda:N (default: cuda if available)")
-    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
+    threads: int | None = _opt(None, "torch CPU threads (default: the cores free to this process when it "
+                                "starts, said in the run's header)")
     # built-in task
     train_examples: int | None = _opt(None, "built-in task only: training tickets to generate "
                                       "(default: batch size x steps)", same_run=True)
-    eval_examples: int = _opt(100, "built-in task only: held-out tickets scored by exact match (at most 1000)",
-                              same_run=True)
-    score_base: bool = _opt(True, "built-in task only: also score the base model before training (the "
-                            "'before' figure; sweeps skip it, it is the same for every trial)")
+    eval_examples: int = _opt(100, "held-out examples scored by greedy generation before and after training: the "
+                              "built-in task's tickets (at most 1000), or up to this many of --data's validation "
+                              "examples (exact match, and JSON match for JSON answers; 0: none)", same_run=True)
+    score_base: bool = _opt(True, "also score the base model before training (the 'before' figures; sweeps skip "
+                            "it, it is the same for every trial)")
     # evaluation, checkpoints, output
     eval_every: int = _opt(0, "validation loss every N steps (0: only at the end)")
     save_every: int = _opt(100, "checkpoint every N steps (0: no intermediate checkpoints)")
@@ -218,7 +220,8 @@ def validate(o: TrainOptions) -> None:
     if o.method == "prefix" and o.gradient_checkpointing:
         problems.append("prefix tuning cannot use --gradient-checkpointing (transformers drops the prefix's cache "
                         "under it); leave it off")
-    for name in ("r", "reduction_factor", "num_virtual_tokens", "batch_size", "grad_accum", "max_length", "nproc", "eval_examples", "loss_chunk"):
+    for name in ("r", "reduction_factor", "num_virtual_tokens", "batch_size", "grad_accum", "max_length", "nproc",
+                 "loss_chunk"):
         if getattr(o, name) < 1:
             problems.append(f"{name} must be at least 1 (got {getattr(o, name)})")
     if o.max_steps is not None and o.max_steps < 1:
@@ -231,8 +234,8 @@ def validate(o: TrainOptions) -> None:
         problems.append(f"lr must be positive (got {o.lr})")
     if not 0 <= o.lora_dropout < 1:
         problems.append(f"lora_dropout must be in [0, 1) (got {o.lora_dropout})")
-    if o.eval_examples > 1000:
-        problems.append("eval_examples is at most 1000")
+    if not 0 <= o.eval_examples <= 1000:
+        problems.append(f"eval_examples must be in [0, 1000] (got {o.eval_examples})")
     for name in ("schedule", "overflow", "dtype", "variant", "non_linearity"):
         choices = FIELDS[name].metadata["choices"]
         if getattr(o, name) not in choices:

@@ -11,22 +11,20 @@ settings calls it too:
 
 from __future__ import annotations
 
-import os
-
-import torch
-
+from .. import cpu
 from . import allocator
 from .distributed import Dist
 from .options import TrainOptions
 
 
-def configure_process(o: TrainOptions, dist: Dist) -> None:
-    """--threads (or, for several processes on one CPU, an equal share of the cores each, instead of every
-    process using them all), and on a CPU glibc's mmap threshold, so that resident memory follows the live
-    tensors (allocator.py says why)."""
-    if o.threads:
-        torch.set_num_threads(o.threads)
-    elif dist.enabled and dist.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+def configure_process(o: TrainOptions, dist: Dist) -> cpu.ThreadChoice:
+    """CPU threads: --threads, else the cores free to this process when it starts (an equal share of them
+    for each of several processes on one CPU), said on the main process (cpu.py says why); and on a CPU
+    glibc's mmap threshold, so that resident memory follows the live tensors (allocator.py says why)."""
+    processes = dist.world_size if dist.enabled and dist.device.type == "cpu" else 1
+    choice = cpu.configure_threads(o.threads, processes)
+    if dist.is_main:
+        print(f"peftkit train: {cpu.describe(choice)}", flush=True)
     if dist.device.type == "cpu":
         allocator.release_freed_memory()
+    return choice

@@ -107,15 +107,16 @@ def setup_model(o: TrainOptions, dist: Dist):
 
 
 def _examples(o: TrainOptions, tokenizer, chats: tuple[list, list | None]
-              ) -> tuple[list, list, data_mod.DataStats]:
-    """(training examples, validation examples, statistics of the training data)."""
+              ) -> tuple[list, list, data_mod.DataStats, list]:
+    """(training examples, validation examples, statistics of the training data, the validation examples'
+    chats: what the scorer asks the model, [] for the built-in task, whose scorer has its own tickets)."""
     if o.builtin:
         n = o.train_examples or o.batch_size * (o.max_steps or 40)
         records = task.train_records(n, seed=o.seed)
         val_records = task.train_records(max(8, o.batch_size), seed=o.seed + 10_000)
         train, stats = data_mod.build_examples(records, tokenizer, o.max_length, o.overflow, "built-in tickets")
         val, _ = data_mod.build_examples(val_records, tokenizer, o.max_length, o.overflow, "built-in validation")
-        return train, val, stats
+        return train, val, stats, []
     train_chats, val_chats = chats
     train, stats = data_mod.tokenize_chats(train_chats, tokenizer, o.max_length, o.overflow, str(o.data))
     if not train:
@@ -125,15 +126,18 @@ def _examples(o: TrainOptions, tokenizer, chats: tuple[list, list | None]
         val, _ = data_mod.tokenize_chats(val_chats, tokenizer, o.max_length, o.overflow, str(o.val_data))
     else:
         train, val = data_mod.split_validation(train, o.val_fraction, o.seed) if len(train) > 1 else (train, [])
-    return train, val, stats
+        val_chats = train_chats
+    return train, val, stats, [val_chats[e.chat] for e in val]
 
 
 def setup_data(o: TrainOptions, tokenizer, dist: Dist, chats: tuple[list, list | None]) -> TrainData:
-    """Tokenized training and validation examples (from `setup_records`' chats), and the global batch order."""
-    train, val, stats = _examples(o, tokenizer, chats)
+    """Tokenized training and validation examples (from `setup_records`' chats) with the validation chats,
+    and the global batch order."""
+    train, val, stats, val_chats = _examples(o, tokenizer, chats)
     total_steps = o.max_steps or max(1, math.ceil(o.epochs * len(train) / o.batch_size))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return TrainData(train, val, stats, pad_id, data_mod.BatchOrder(len(train), o.batch_size, o.seed), total_steps)
+    return TrainData(train, val, stats, pad_id, data_mod.BatchOrder(len(train), o.batch_size, o.seed), total_steps,
+                     val_chats)
 
 
 def setup_adapter(o: TrainOptions, model, dist: Dist) -> tuple[int, int]:
@@ -195,8 +199,8 @@ def setup(o: TrainOptions) -> Run:
     data = setup_data(o, tokenizer, dist, chats)
     trainable, total = setup_adapter(o, model, dist)
     named, optimizer, scheduler = setup_optimizer(o, model, dist, data.total_steps)
-    run = Run(o, dist, out, model, tokenizer, data, named, optimizer, scheduler, choose_scorer(o, tokenizer, dist),
-              trainable, total, resume_from)
+    scorer = choose_scorer(o, tokenizer, dist, data.val_chats)
+    run = Run(o, dist, out, model, tokenizer, data, named, optimizer, scheduler, scorer, trainable, total, resume_from)
     resume_or_start(run)
     announce(run)
     return run
@@ -226,6 +230,7 @@ def summarize(run: Run, metrics: report.Metrics, val_loss: float | None, train_s
         "task": "built-in tickets" if o.builtin else str(o.data), "steps": run.data.total_steps,
         "warmup_steps": effective_warmup(o, run.data.total_steps)[0],
         **run.scorer.summary(),
+        "val_loss_start": next((r["val_loss"] for r in metrics.rows() if r.get("step") == 0), None),
         "val_loss": val_loss, "final_loss": rows[-1]["loss"] if rows else None,
         "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
         "tokens_per_second": sum(r["tokens_per_s"] for r in rows) / max(len(rows), 1),
@@ -234,6 +239,7 @@ def summarize(run: Run, metrics: report.Metrics, val_loss: float | None, train_s
         "adapter_bytes": report.dir_bytes(adapter_dir), "peak_memory_mb": report.peak_memory_mb(device),
         "memory_kind": "accelerator, allocated" if device.type == "cuda" else "resident set size",
         "processes": run.dist.world_size, "data": run.data.stats.describe(),
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
 
 

@@ -164,13 +164,17 @@ def dir_bytes(path: Path) -> int:
 def format_summary(s: dict) -> str:
     """The table printed at the end of `peftkit train`."""
     lines = ["", f"run: {s['output_dir']}"]
-    if s.get("exact_match_after") is not None:
-        before = s.get("exact_match_before")
-        lines.append(f"  exact match (held-out, {s['eval_examples']} tickets): "
-                     + (f"{100 * before:.0f}% before -> " if before is not None else "")
-                     + f"{100 * s['exact_match_after']:.0f}% after")
+    unit = "tickets" if s.get("task", "built-in tickets") == "built-in tickets" else "examples"
+    for key, what in (("exact_match", f"exact match (held-out, {s.get('eval_examples')} {unit})"),
+                      ("json_match", f"JSON match (held-out, {s.get('json_examples')} JSON answers)")):
+        if s.get(f"{key}_after") is not None:
+            before = s.get(f"{key}_before")
+            lines.append(f"  {what}: " + (f"{100 * before:.0f}% before -> " if before is not None else "")
+                         + f"{100 * s[f'{key}_after']:.0f}% after")
     if s.get("val_loss") is not None:
-        lines.append(f"  validation loss: {s['val_loss']:.4f}")
+        start = s.get("val_loss_start")
+        lines.append("  validation loss: " + (f"{start:.4f} at step 0 -> " if start is not None else "")
+                     + f"{s['val_loss']:.4f}")
     lines += [
         (f"  training: {s['steps']} steps, {s['train_seconds']:.0f} s ({s['tokens_per_second']:.0f} tokens/s); "
          f"whole command {s['total_seconds']:.0f} s"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ class TrainData:
     pad_id: int
     order: BatchOrder  # the global batch of each step: a pure function of (seed, step)
     total_steps: int
+    val_chats: list = field(default_factory=list)  # the validation examples' chats (the user's data only)
 
 
 @dataclass
