@@ -60,7 +60,7 @@ def json_equal(reply: str, reference: str) -> bool | None:
         return False
     try:
         return _canonical(got) == _canonical(want)
-    except RecursionError:  # nested deeper than Python's stack: compare the texts instead
+    except RecursionError:  # parsed, but nested deeper than Python's stack allows walking: the texts decide
         return reply.strip() == reference.strip()
 
 
