@@ -30,6 +30,9 @@ def test_inspect_text_and_json(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "a"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["parameters"] == 896 and data["config"]["peft_type"] == "LORA"
+    peftkit.save_adapter(model, tmp_path / "run" / "adapter")  # a `peftkit train` run directory's layout
+    assert main(["inspect", str(tmp_path / "run")]) == 0
+    assert f"adapter: {tmp_path / 'run' / 'adapter'}" in capsys.readouterr().out
 
 
 def test_inspect_missing_directory_is_a_clear_error(tmp_path, capsys):

@@ -191,3 +191,27 @@ def test_checkpoints_and_quantized_models_honour_the_umask(tmp_path):
     written = [f for root in (checkpoint, quantized) for f in root.rglob("*") if f.is_file()]
     assert any(f.suffix == ".safetensors" for f in written)
     assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in written} == {f.name: "0o644" for f in written}
+
+
+def test_an_adapter_for_another_base_gets_a_short_error_that_names_the_likely_base(tmp_path):
+    """An adapter from a wider, deeper Llama: the message shows the counts, the first keys of each kind and
+    what the shapes say (width 64 against 32, layers up to 5 against 1), not all 100+ keys; the error
+    object still holds every key."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftkit.files import SHOWN_KEYS, AdapterMismatch
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    peftkit.inject(other, peftkit.LoraConfig(r=4, target_modules="all-linear"))
+    peftkit.save_adapter(other, tmp_path / "big")
+    with pytest.raises(AdapterMismatch) as caught:
+        peftkit.load_adapter(tiny_llama(), tmp_path / "big")
+    err = caught.value
+    text = str(err)
+    assert len(err.wrong) == 28 and len(err.unexpected) == 56  # 2 shared layers x 7 x (A, B); 4 more layers
+    assert "28 key(s) with wrong shapes" in text and "56 unexpected key(s)" in text
+    assert f"... and {28 - SHOWN_KEYS} more" in text and f"... and {56 - SHOWN_KEYS} more" in text
+    assert "64 in the file where this model has 32" in text
+    assert "layers up to 5, this model's go up to 1" in text
+    assert len(text.splitlines()) < 30, text

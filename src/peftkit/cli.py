@@ -17,10 +17,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     """Print an adapter's config and tensors without loading any model."""
+    from pathlib import Path
+
     from .checkpoint import find_adapter_dir, read_adapter
 
-    config, tensors = read_adapter(args.adapter, args.name, allow_pickle=args.allow_pickle)
-    folder = find_adapter_dir(args.adapter, args.name)
+    run_adapter = Path(args.adapter) / "adapter"  # a `peftkit train` run directory holds its adapter there
+    where = run_adapter if (run_adapter / "adapter_config.json").is_file() else Path(args.adapter)
+    config, tensors = read_adapter(where, args.name, allow_pickle=args.allow_pickle)
+    folder = find_adapter_dir(where, args.name)
     n_params = sum(t.numel() for t in tensors.values())
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
     if args.json:
@@ -35,9 +39,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(f"type: {config.peft_type}  {json.dumps(config.to_peft_dict(), sort_keys=True)}")
     print(f"{len(tensors)} tensors, {n_params:,} parameters, on {len(modules)} modules")
-    for key in list(tensors)[: args.limit]:
+    limit = args.limit or len(tensors)
+    for key in list(tensors)[:limit]:
         print(f"  {key}  {tuple(tensors[key].shape)}  {tensors[key].dtype}")
-    if len(tensors) > args.limit:
+    if len(tensors) > limit:
         print(f"  ... {len(tensors) - args.limit} more (--limit N to see them)")
     return 0
 
@@ -89,9 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="show an adapter directory's config and tensors",
                              description="Read a PEFT-format adapter (ours or HF PEFT's) without a model.")
-    inspect.add_argument("adapter", help="adapter directory (with adapter_config.json)")
+    inspect.add_argument("adapter", help="adapter directory (with adapter_config.json), or a `peftkit train` run "
+                         "directory")
     inspect.add_argument("--name", default="default", help="adapter name, for PEFT's per-name subfolders")
-    inspect.add_argument("--limit", type=int, default=12, help="tensors to list (default 12)")
+    inspect.add_argument("--limit", type=int, default=12, help="tensors to list, 0 for all (default 12)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.add_argument("--allow-pickle", action="store_true",
                          help="read adapter_model.bin (pickle) if there is no safetensors file; only for trusted files")

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import stat
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,20 +137,63 @@ def read_tensors(folder: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
     return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
+SHOWN_KEYS = 8  # keys listed per kind in a mismatch error; the error object holds them all
+
+
+class AdapterMismatch(ValueError):
+    """An adapter file that does not fit the model. The message lists the first few keys of each kind,
+    the counts and what the shapes say about the model the file was made for; `missing`, `unexpected`,
+    `wrong` and `problems` hold every one."""
+
+    def __init__(self, message: str, missing: list[str], unexpected: list[str], wrong: list[str],
+                 problems: list[str]) -> None:
+        super().__init__(message)
+        self.missing, self.unexpected, self.wrong, self.problems = missing, unexpected, wrong, problems
+
+
+def _listed(count_line: str, keys: list[str]) -> str:
+    more = len(keys) - SHOWN_KEYS
+    tail = [f"... and {more} more (`peftkit inspect DIR --limit 0` lists the file's keys)"] if more > 0 else []
+    return count_line + ":\n  " + "\n  ".join(keys[:SHOWN_KEYS] + tail)
+
+
+def _layers(keys: list[str]) -> set[int]:
+    return {int(m) for k in keys for m in re.findall(r"\.(\d+)\.", k)[:1]}
+
+
+def likely_base(shape_pairs: list[tuple[tuple, tuple]], file_keys: list[str], model_keys: list[str],
+                base: str | None) -> str:
+    """What the mismatch says about the model the file was made for: the commonest differing dimension
+    (file vs this model), the layer counts when they differ, and the base the config names."""
+    dims = Counter((a, b) for file_shape, model_shape in shape_pairs
+                   for a, b in zip(file_shape, model_shape) if a != b and len(file_shape) == len(model_shape))
+    says = []
+    if dims:
+        (a, b), n = dims.most_common(1)[0]
+        says.append(f"{n} dimension(s) are {a} in the file where this model has {b}")
+    file_layers, model_layers = _layers(file_keys), _layers(model_keys)
+    if file_layers and model_layers and max(file_layers) != max(model_layers):
+        says.append(f"the file adapts layers up to {max(file_layers)}, this model's go up to {max(model_layers)}")
+    story = f" ({'; '.join(says)})" if says else ""
+    named = (f"Its config says base_model_name_or_path={base!r}: load it onto that model" if base else
+             "Its config does not name its base (no base_model_name_or_path): load it onto the model it was made for")
+    return f"This adapter looks made for another base model{story}. {named}, or pass --model with the right base."
+
+
 def raise_if_unfit(what: str, missing: list[str], unexpected: list[str], wrong: list[str], problems: list[str],
-                   base: str | None) -> None:
-    """One error naming every offending key (any adapter kind), or nothing when all fit."""
+                   base: str | None, story: str | None = None) -> None:
+    """One error (AdapterMismatch) with the counts and first keys of each kind, or nothing when all fit."""
     if not (missing or unexpected or wrong or problems):
         return
     parts = [f"{what} does not fit this model; nothing was changed.", *problems]
     if wrong:
-        parts.append(f"{len(wrong)} key(s) with wrong shapes:\n  " + "\n  ".join(wrong))
+        parts.append(_listed(f"{len(wrong)} key(s) with wrong shapes", wrong))
     if missing:
-        parts.append(f"{len(missing)} key(s) the model needs but the file lacks:\n  " + "\n  ".join(missing))
+        parts.append(_listed(f"{len(missing)} key(s) the model needs but the file lacks", missing))
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) in the file:\n  " + "\n  ".join(unexpected))
-    parts.append(f"Is this adapter for another base model? Its config says base_model_name_or_path={base!r}.")
-    raise ValueError("\n".join(parts))
+        parts.append(_listed(f"{len(unexpected)} unexpected key(s) in the file", unexpected))
+    parts.append(story or likely_base([], unexpected, missing, base))
+    raise AdapterMismatch("\n".join(parts), missing, unexpected, wrong, problems)
 
 
 def check_fit(what: str, tensors: dict[str, Tensor], want: Expected, base: str | None) -> None:
@@ -156,8 +201,9 @@ def check_fit(what: str, tensors: dict[str, Tensor], want: Expected, base: str |
     required, optional = want.required, want.optional
     missing = sorted(k for k in required if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in required and k not in optional)
-    wrong = sorted(f"{k}: file {tuple(v.shape)}, model expects {required.get(k, optional.get(k))}"
-                   + (f" {want.notes[k]}" if k in want.notes else "")
-                   for k, v in tensors.items()
-                   if (k in required or k in optional) and tuple(v.shape) != required.get(k, optional.get(k)))
-    raise_if_unfit(what, missing, unexpected, wrong, want.problems, base)
+    shapes = {k: (tuple(v.shape), tuple(required.get(k, optional.get(k)))) for k, v in tensors.items()
+              if (k in required or k in optional) and tuple(v.shape) != tuple(required.get(k, optional.get(k)))}
+    wrong = sorted(f"{k}: file {file_shape}, model expects {model_shape}"
+                   + (f" {want.notes[k]}" if k in want.notes else "") for k, (file_shape, model_shape) in shapes.items())
+    story = likely_base(list(shapes.values()), list(tensors), list(required), base)
+    raise_if_unfit(what, missing, unexpected, wrong, want.problems, base, story)

@@ -62,7 +62,7 @@ def _pick_device(device: str | None, local_rank: int) -> torch.device:
     if picked.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} was asked for, but this torch build sees no CUDA device; "
-                               "pass device='cpu' (gloo) or install a CUDA build of torch")
+                               "use --device cpu (device='cpu' from Python), or install a CUDA build of torch")
         if picked.index is None:
             picked = torch.device("cuda", local_rank)
     return picked
