@@ -128,15 +128,88 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_prompts(args: argparse.Namespace, stdin=None) -> list[list[dict] | str]:
+    """The prompts to complete: arguments; else --prompts-file (JSON lines: a string, {"prompt"},
+    {"instruction", optional "input"} or {"messages"}); else standard input, one per line, or split at
+    lines equal to --separator so that prompts may span lines. A chat (list of messages) or a text each."""
+    if args.prompt:
+        return list(args.prompt)
+    if args.prompts_file:
+        return _prompts_file(Path(args.prompts_file))
+    text = (stdin or sys.stdin).read()
+    if args.separator is None:
+        return [line for line in text.split("\n") if line.strip()]
+    chunks, current = [], []
+    for line in text.split("\n"):
+        if line.strip() == args.separator:
+            chunks.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    chunks.append("\n".join(current))
+    return [c.strip("\n") for c in chunks if c.strip()]
+
+
+def _prompts_file(path: Path) -> list[list[dict] | str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts-file {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8") from e
+    prompts: list[list[dict] | str] = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno}); each line holds one "
+                             "prompt, a JSON string or object") from e
+        if not isinstance(value, (str, dict)):
+            raise ValueError(f"{path} line {n}: expected a JSON string or object, got a {type(value).__name__}")
+        prompts.append(value if isinstance(value, str) else _prompt_of(value, f"{path} line {n}"))
+    return prompts
+
+
+def _prompt_of(record: dict, where: str) -> list[dict] | str:
+    """One prompt from a prompts-file line; a chat that ends with an assistant message (a training record)
+    is asked for that message again."""
+    messages = record.get("messages")
+    if isinstance(messages, list) and messages:
+        for n, m in enumerate(messages, start=1):
+            if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                    and isinstance(m.get("content"), str)):
+                raise ValueError(f"{where}: message {n} must be {{\"role\": system|user|assistant, \"content\": "
+                                 f"text}}, got {m!r}"[:300])
+        return messages[:-1] if messages[-1]["role"] == "assistant" and len(messages) > 1 else messages
+    for key in ("prompt", "instruction"):
+        if isinstance(record.get(key), str):
+            extra = record.get("input") if key == "instruction" else None
+            return record[key] + (f"\n\n{extra}" if isinstance(extra, str) and extra else "")
+    raise ValueError(f"{where}: expected a JSON string or an object with 'prompt', 'instruction' (optional "
+                     f"'input') or 'messages'; got keys {sorted(record)[:10]}")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .infer import chat_prompt, generate
 
+    if args.prompts_file and args.prompt:
+        raise ValueError("give prompts as arguments or with --prompts-file, not both")
+    prompts = read_prompts(args) if args.prompt or args.prompts_file else None  # files checked before the model
     model, tokenizer = _load(args)
-    prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if prompts is None:
+        prompts = read_prompts(args)
     if not prompts:
-        raise ValueError("give one or more prompts as arguments, or one per line on standard input")
+        raise ValueError("give one or more prompts as arguments, with --prompts-file, or on standard input")
     system = [{"role": "system", "content": args.system}] if args.system else []
-    rendered = [p if args.raw else chat_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in prompts]
+    rendered = []
+    for p in prompts:
+        if args.raw and isinstance(p, list):
+            raise ValueError("--raw sends text as it is; a prompts file with 'messages' needs the chat template")
+        chat = p if isinstance(p, list) else [{"role": "user", "content": p}]
+        rendered.append(p if args.raw else chat_prompt(tokenizer, (system if chat[0]["role"] != "system" else [])
+                                                       + chat))
     outputs = generate(model, tokenizer, rendered, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, seed=args.seed)
     for prompt, text in zip(prompts, outputs):
@@ -149,6 +222,24 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load(args)  # chat_loop prints the intro
     chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
+
+
+def _cmd_data_preview(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from ..models import resolve_model_dir
+    from . import data as data_mod
+    from .preview import preview
+
+    if args.count < 0:
+        raise ValueError(f"--count must be 0 or more, got {args.count}")
+    data_mod.read_records(args.file)  # a missing or malformed file is reported before any model is resolved
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.model))
+    colour = args.color == "always" or args.color == "auto" and sys.stdout.isatty()
+    counts = preview(args.file, tokenizer, args.count, args.max_length, args.overflow, colour)
+    if args.json:
+        print(json.dumps(counts))
     return 0
 
 
@@ -201,10 +292,15 @@ def add_commands(sub) -> None:
     ev.set_defaults(func=_cmd_eval)
 
     gen = sub.add_parser("generate", help="complete prompts with a base model and adapters",
-                         description="Generate replies to prompts (arguments, or one per line on stdin), "
-                         "rendered with the tokenizer's chat template unless --raw.")
+                         description="Generate replies to prompts (arguments; a --prompts-file of JSON lines; "
+                         "or standard input, one per line, or split at --separator lines for prompts of several "
+                         "lines), rendered with the tokenizer's chat template unless --raw.")
     _inference_args(gen)
     gen.add_argument("prompt", nargs="*", help="prompts (default: read lines from standard input)")
+    gen.add_argument("--prompts-file", default=None, metavar="FILE", help="JSON lines: each a string, "
+                     "{\"prompt\": ...}, {\"instruction\": ..., \"input\": ...} or {\"messages\": [...]}")
+    gen.add_argument("--separator", default=None, metavar="LINE", help="on standard input, prompts are separated "
+                     "by lines equal to LINE (e.g. ---), so one prompt may span lines (default: one per line)")
     gen.add_argument("--system", default=None, help="a system message to put before each prompt")
     gen.add_argument("--raw", action="store_true", help="send prompts as they are, without the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
@@ -221,6 +317,26 @@ def add_commands(sub) -> None:
     chat.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.set_defaults(func=_cmd_chat)
+
+    from . import preview as preview_mod
+
+    data = sub.add_parser("data", help="look at a training file as training will see it",
+                          description="Tools for training data. `peftkit data preview FILE` prints the first "
+                          "records as chats, rendered with the model's chat template, with the labelled (trained) "
+                          "part marked, and the counts for the whole file.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    pv = data_sub.add_parser("preview", help="the first examples rendered, with the labelled part marked",
+                             description=preview_mod.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    pv.add_argument("file", help="a .jsonl/.json file or saved datasets directory, as for train --data")
+    pv.add_argument("--model", default="smollm2", help="whose tokenizer and chat template to use (default smollm2)")
+    pv.add_argument("-n", "--count", type=int, default=3, help="records to show (default 3)")
+    pv.add_argument("--max-length", type=int, default=512, help="as train's --max-length (default 512)")
+    pv.add_argument("--overflow", choices=["truncate", "skip"], default="truncate", help="as train's --overflow")
+    pv.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                    help="labelled text in green (auto: on a terminal) instead of between « and »")
+    pv.add_argument("--json", action="store_true", help="also print the counts as one JSON line")
+    pv.set_defaults(func=_cmd_data_preview, command_parser=pv)
 
     merge = sub.add_parser("merge", help="write base + adapters merged as a plain transformers model directory",
                            description="Merge adapters into the base weights and save a transformers model directory "
