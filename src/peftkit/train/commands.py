@@ -318,6 +318,24 @@ def add_commands(sub) -> None:
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.set_defaults(func=_cmd_chat)
 
+    _add_data_command(sub)
+
+    merge = sub.add_parser("merge", help="write base + adapters merged as a plain transformers model directory",
+                           description="Merge adapters into the base weights and save a transformers model directory "
+                           "with its tokenizer; from_pretrained on it gives the adapter model's logits (checked).")
+    merge.add_argument("--adapter", action="append", required=True, metavar="DIR",
+                       help="adapter directory or a `peftkit train` run directory (repeat to merge several)")
+    merge.add_argument("--model", default=None, help=MODEL_HELP)
+    merge.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="dtype of the saved weights (default float32)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    merge.add_argument("--no-verify", action="store_true", help="skip reloading the result to compare logits")
+    merge.set_defaults(func=_cmd_merge)
+
+
+def _add_data_command(sub) -> None:
+    """`peftkit data preview`."""
     from . import preview as preview_mod
 
     data = sub.add_parser("data", help="look at a training file as training will see it",
@@ -337,16 +355,3 @@ def add_commands(sub) -> None:
                     help="labelled text in green (auto: on a terminal) instead of between « and »")
     pv.add_argument("--json", action="store_true", help="also print the counts as one JSON line")
     pv.set_defaults(func=_cmd_data_preview, command_parser=pv)
-
-    merge = sub.add_parser("merge", help="write base + adapters merged as a plain transformers model directory",
-                           description="Merge adapters into the base weights and save a transformers model directory "
-                           "with its tokenizer; from_pretrained on it gives the adapter model's logits (checked).")
-    merge.add_argument("--adapter", action="append", required=True, metavar="DIR",
-                       help="adapter directory or a `peftkit train` run directory (repeat to merge several)")
-    merge.add_argument("--model", default=None, help=MODEL_HELP)
-    merge.add_argument("--out", required=True, help="output directory (must be empty or absent)")
-    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                       help="dtype of the saved weights (default float32)")
-    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    merge.add_argument("--no-verify", action="store_true", help="skip reloading the result to compare logits")
-    merge.set_defaults(func=_cmd_merge)

@@ -40,9 +40,10 @@ def marked_text(tokenizer, ids: list[int], labels: list[int], colour: bool) -> s
     return "".join(pieces)
 
 
-def preview(path: str, tokenizer, count: int, max_length: int, overflow: str, colour: bool, out=sys.stdout) -> dict:
-    """Print the first `count` records as chats, rendered examples with their labelled part marked, and the
-    counts for the whole file; return the counts."""
+def preview(path: str, tokenizer, count: int, max_length: int, overflow: str, colour: bool, out=None) -> dict:
+    """Print (to `out`, default standard output) the first `count` records as chats, rendered examples with
+    their labelled part marked, and the counts for the whole file; return the counts."""
+    out = out or sys.stdout
     records = data_mod.read_records(path)
     chats = data_mod.to_chats(records, path)  # every record checked, so a bad one is named now
     examples, stats = data_mod.tokenize_chats(chats, tokenizer, max_length, overflow, path)
