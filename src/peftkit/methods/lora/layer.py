@@ -54,6 +54,17 @@ class LoraLayer(nn.Module):
         self.row_adapters: list[str | None] | None = None  # set by peftkit.per_row for mixed batches
         self._refresh()
 
+    @property
+    def weight(self) -> Tensor:
+        """The wrapped module's weight (as PEFT's wrapper passes it through): model code that reads
+        `self.wo.weight.dtype` (T5) or ties weights keeps working. The base's, unmerged adapters not added."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The wrapped module's bias (None when it has none)."""
+        return getattr(self.base, "bias", None)
+
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         if name == "base" and "lora_A" in self._modules:  # a replaced base (e.g. dequantized) must be the one called
