@@ -125,7 +125,7 @@ def test_options_precedence_yaml_and_preset(tmp_path):
     with pytest.raises(ValueError, match="unknown option 'learning_rate'"):
         opts.build({}, str(cfg))
     with pytest.raises(ValueError, match="unknown"):
-        opts.build({"method": "adalora"})
+        opts.build({"method": "no-such-method"})
 
 
 def _torchrun_losses(tiny_model_dir, qa_jsonl, out: Path, *extra: str) -> list[float]:

@@ -12,18 +12,19 @@ of that type; "table" means peftkit has an entry (defaults, fused class) that is
     model_type  LoRA/DoRA  QLoRA     fused LoRA nodes  chunked   prefix       bottleneck  IA3       serving
                                      (linear, SwiGLU)  head loss              defaults    defaults  (batching engine)
     llama       verified   verified  verified          verified  verified     verified    verified  verified
-    gpt2        verified   -         - (Conv1D bases)  -         verified     verified    verified  verified
-    gemma2      verified   -         -                 verified  unsupported  -           -         -
+    gpt2        verified   -         verified          verified  verified     verified    verified  verified
+    gemma2      verified   -         verified          verified  unsupported  -           -         -
                                                       (soft-cap)
+    mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma, gemma3_text, phi, phi3, olmo2, stablelm, starcoder2,
+    smollm3, glm, gpt_neox, gptj, opt, bloom, falcon: LoRA training with every fast path (parity matrix)
+    cohere: the fused nodes; the loss through its own forward (logit_scale)
+    granite, granitemoe: LoRA training through the model's own forward (logits_scaling)
     IA3 default targets for 27 model types (PEFT's table, compared with it by a test)
-    mistral, qwen2, gemma, phi3     LoRA and bottleneck default targets (table)
-    qwen3                           bottleneck default targets (table)
-    gpt_neox, opt                   LoRA default targets (table)
-    mistral, qwen2, qwen3, olmo2, granite: SwiGLU MLP classes for the fused MLP node (table)
 
-Features run on any other model where its structure allows (explicit target_modules, a forward that takes a
-cache, ...) and fall back to the model's own forward where a fast path is not proven; VERIFIED in arch.py is
-this table as data (`verified_features(model)`).
+The training fast paths are an ALLOWLIST: arch.VERIFIED (tests/test_arch_parity.py proves each entry: loss
+and every LoRA gradient equal model(..., labels=...) with left and right padding); any other model trains
+through its own forward, exactly (`verified_features(model)`). Other features run on any model where its
+structure allows (explicit target_modules, a forward that takes a cache, ...).
 
 Modules: arch (per-architecture tables and module kinds), configs (config fields), cache (KV caches and
 forward() argument names), model (decoder/head, decoder blocks, logits, loading keywords).
@@ -41,14 +42,16 @@ from .configs import (context_length, drop_quantization_config, head_scaling, hi
                       kv_geometry, layer_types, mark_dequantized, model_config, name_or_path,
                       record_untied_embeddings, save_config, set_name_or_path, text_config, text_context_length,
                       text_vocab_size, tie_embeddings_if_configured, uses_gradient_checkpointing, vocab_size)
-from .model import (decoder_and_head, decoder_layers, dtype_kwargs, logits_at, output_head, prefix_unsupported,
+from .model import (decoder_and_head, decoder_layers, dtype_kwargs, input_embeddings, local_tokenizer, logits_at,
+                    output_head, prefix_unsupported,
                     rebuild_nonpersistent_buffers, transformers_version)
 
 __all__ = [
     "BOTTLENECK_DEFAULT_TARGETS", "DECODER_LAYER_PATHS", "FEATURES", "LORA_DEFAULT_TARGETS", "PLAIN_KV_LAYER_TYPES",
     "PREFIX_UNSUPPORTED_TYPES", "SWIGLU_MLP_CLASSES", "VERIFIED", "bottleneck_default_targets", "cache_arg",
     "cache_length", "context_length", "decoder_and_head", "decoder_layers", "drop_quantization_config",
-    "dtype_kwargs", "dynamic_cache", "forward_accepts", "head_scaling", "hidden_size", "is_conv1d",
+    "dtype_kwargs", "dynamic_cache", "forward_accepts", "head_scaling", "hidden_size", "input_embeddings",
+    "is_conv1d", "local_tokenizer",
     "is_dynamic_cache", "is_encoder_decoder", "kv_geometry", "kv_tensors", "layer_types", "logits_at",
     "lora_default_targets", "mark_dequantized", "mlp_kind", "model_config", "model_type", "name_or_path",
     "new_cache", "output_head", "prefix_unsupported", "rebuild_nonpersistent_buffers", "record_untied_embeddings",

@@ -4,13 +4,14 @@ changed name between releases."""
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .arch import DECODER_LAYER_PATHS, PREFIX_UNSUPPORTED_TYPES, model_type
+from .arch import DECODER_LAYER_PATHS, PREFIX_UNSUPPORTED_TYPES, model_type, verified_features
 from .cache import cache_arg, forward_accepts
 from .configs import head_scaling, is_encoder_decoder, model_config
 
@@ -38,10 +39,33 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return get_out() if callable(get_out) else None
 
 
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The module that maps token ids to input embeddings (get_input_embeddings), or None."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    try:
+        return get_in() if callable(get_in) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def local_tokenizer(path: str, **kwargs: Any) -> Any:
+    """The tokenizer saved in the local directory `path` (AutoTokenizer, never downloading); a ValueError
+    when `path` is not a directory."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not a local directory; peftkit never downloads a tokenizer: pass the "
+                         "tokenizer object itself, or the path of a directory it was saved in")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+
+
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None] | None:
     """(decoder, output head, logit softcap) for a causal LM whose logits are exactly head(decoder(...)
-    .last_hidden_state), soft-capped when the cap is not None; None when it has no such split (or its head
-    scales the logits further), so the caller uses the model's own forward."""
+    .last_hidden_state), soft-capped when the cap is not None; None when its architecture is not verified
+    for this (arch.VERIFIED's "head_loss"), has no such split or its head scales the logits further, so the
+    caller uses the model's own forward."""
+    if "head_loss" not in verified_features(model):  # an allowlist: proven by tests/test_arch_parity.py
+        return None
     get_decoder = getattr(model, "get_decoder", None)
     get_head = getattr(model, "get_output_embeddings", None)
     if get_decoder is None or get_head is None:

@@ -92,7 +92,8 @@ def _training_kernels(model: nn.Module, attention_mask: Tensor | None, mask: Ten
     (exact: their gradients are zero; kept are the real positions and those whose next token carries a label,
     as a left-padded row's last padding position can) and fused LoRA SwiGLU MLPs. Neither under gradient
     checkpointing, whose recomputation in backward runs outside this block and must see the same graph."""
-    if not torch.is_grad_enabled() or hf.uses_gradient_checkpointing(model):
+    if (not torch.is_grad_enabled() or hf.uses_gradient_checkpointing(model)
+            or "fused_linear" not in hf.verified_features(model)):  # an allowlist (tests/test_arch_parity.py)
         yield
         return
     keep = None
@@ -105,19 +106,34 @@ def _training_kernels(model: nn.Module, attention_mask: Tensor | None, mask: Ten
         yield
 
 
+def _positions_in_front(model: nn.Module) -> int | None:
+    """Positions that a registered method's hooks on the model's own forward put before the input (virtual
+    tokens; the optional `Method.positions_in_front(model)`), or None when no method does: the loss then must
+    go through that forward, and the labels move by that many positions."""
+    found = [n for m in methods() if (n := getattr(m, "positions_in_front", _none)(model)) is not None]
+    return sum(found) if found else None
+
+
+def _none(model: nn.Module) -> None:
+    return None
+
+
 def sum_token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                    chunk: int = 1024) -> tuple[Tensor, int]:
     """(sum of next-token cross-entropy over labelled positions, number of those positions).
 
     The caller divides by the token count of the whole global batch, so that gradient accumulation and
     data-parallel ranks give exactly the gradient of one big batch."""
+    front = _positions_in_front(model)
+    if front:  # the model's logits cover positions put before the input; they carry no label
+        labels = torch.cat([labels.new_full((labels.shape[0], front), IGNORE_INDEX), labels], dim=1)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     mask = targets != IGNORE_INDEX
     n_tokens = int(mask.sum())
-    if _is_fsdp_root(model) or getattr(model, "peftkit_prefix", None) is not None:
-        # FSDP's hooks and a prefix's hooks sit on the root module's forward: going around it to the decoder
-        # would meet sharded parameters or miss the prefix. The model's own forward then computes logits
-        # only at the positions some row needs.
+    if _is_fsdp_root(model) or getattr(model, "peftkit_prefix", None) is not None or front is not None:
+        # FSDP's hooks and a prefix's (or virtual tokens') hooks sit on the root module's forward: going around
+        # it to the decoder would meet sharded parameters or miss the adapter. The model's own forward then
+        # computes logits only at the positions some row needs.
         keep = mask.any(dim=0).nonzero().flatten()  # (K,)
         logits = hf.logits_at(model, keep, input_ids=input_ids, attention_mask=attention_mask,
                               use_cache=False)  # (B, K, V)
