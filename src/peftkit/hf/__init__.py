@@ -17,8 +17,8 @@ of that type; "table" means peftkit has an entry (defaults, fused class) that is
                                                       (soft-cap)
     mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma, gemma3_text, phi, phi3, olmo2, stablelm, starcoder2,
     smollm3, glm, gpt_neox, gptj, opt, bloom, falcon: LoRA training with every fast path (parity matrix)
-    cohere: the fused nodes; the loss through its own forward (logit_scale)
-    granite, granitemoe: LoRA training through the model's own forward (logits_scaling)
+    cohere, granite, granitemoe: the fused nodes; the loss through the model's own forward (their heads
+    scale the logits: logit_scale, logits_scaling)
     IA3 default targets for 27 model types (PEFT's table, compared with it by a test)
 
 The training fast paths are an ALLOWLIST: arch.VERIFIED (tests/test_arch_parity.py proves each entry: loss

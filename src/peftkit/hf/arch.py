@@ -17,14 +17,13 @@ FEATURES = ("lora", "dora", "qlora", "fused_linear", "fused_mlp", "head_loss", "
 TRAINING_FAST_PATHS = frozenset({"lora", "head_loss", "fused_linear", "fused_mlp"})
 PARITY_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
                 "phi", "phi3", "olmo2", "cohere", "stablelm", "starcoder2", "smollm3", "glm", "gpt2", "gpt_neox",
-                "gptj", "opt", "bloom", "falcon")
-# Verified too, but only on the model's own forward: their heads scale the logits (Granite's logits_scaling)
-# in a way the head-loss shortcut does not reproduce.
-OWN_FORWARD_TYPES = ("granite", "granitemoe")
+                "gptj", "opt", "bloom", "falcon", "granite", "granitemoe")
+# Their heads scale the logits (Cohere's logit_scale, Granite's logits_scaling) in a way the head-loss
+# shortcut does not reproduce: the loss goes through the model's own forward (the fused nodes still run).
+SCALED_HEAD_TYPES = ("cohere", "granite", "granitemoe")
 VERIFIED: dict[str, frozenset[str]] = {
     **{t: TRAINING_FAST_PATHS for t in PARITY_TYPES},
-    **{t: frozenset({"lora"}) for t in OWN_FORWARD_TYPES},
-    "cohere": TRAINING_FAST_PATHS - {"head_loss"},  # logit_scale: the head loss goes through its own forward
+    **{t: TRAINING_FAST_PATHS - {"head_loss"} for t in SCALED_HEAD_TYPES},
     "llama": frozenset(FEATURES),
     "gpt2": TRAINING_FAST_PATHS | {"dora", "prefix", "bottleneck", "ia3", "serve"},
 }
