@@ -48,6 +48,19 @@ def read_adapter(directory: str | os.PathLike, name: str = "default",
     return config, read_tensors(folder, allow_pickle=allow_pickle)
 
 
+def unknown_options(data: dict[str, Any], config: AdapterConfig) -> list[str]:
+    """The options an adapter_config.json sets (to anything but an empty or false value) that the config
+    read from it does not hold: options this peftkit does not know, ignored on load. Named when the file
+    then does not fit, since they may be why."""
+    kept = config.to_peft_dict()
+    return [f"{k}={v!r}"[:120] for k, v in data.items()
+            if k not in kept and v not in (None, False, [], {}, "") and k not in _METADATA_KEYS]
+
+
+_METADATA_KEYS = frozenset({"auto_mapping", "revision", "inference_mode", "peft_version", "runtime_config",
+                            "task_type", "megatron_config", "megatron_core"})
+
+
 def nonfinite(config: AdapterConfig, tensors: dict[str, Tensor]) -> list[str]:
     """Every config value (e.g. `lora_alpha=inf`, `alpha_pattern['q_proj']=nan`) and tensor key holding NaN or
     infinity: an adapter with them makes every output NaN."""
@@ -93,7 +106,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     refused = matcher_for(config).refused
     if refused is not None:  # a regex of the file ran out of time: say that, not that every key is unexpected
         raise PatternError(str(refused)) from None
-    check_fit(f"adapter in {str(directory)!r}", tensors, want, config.base_model_name_or_path)
+    unknown = unknown_options(read_config_dict(find_adapter_dir(directory, name)), config)
+    check_fit(f"adapter in {str(directory)!r}", tensors, want, config.base_model_name_or_path, unknown)
     inject(model, config, name, init=False)
     method.load_tensors(model, name, tensors, want)
     mark_trainable(model, name if trainable else None)

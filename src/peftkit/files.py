@@ -196,8 +196,10 @@ def raise_if_unfit(what: str, missing: list[str], unexpected: list[str], wrong: 
     raise AdapterMismatch("\n".join(parts), missing, unexpected, wrong, problems)
 
 
-def check_fit(what: str, tensors: dict[str, Tensor], want: Expected, base: str | None) -> None:
-    """Compare a file's tensors with what the model needs; raise_if_unfit with every offending key."""
+def check_fit(what: str, tensors: dict[str, Tensor], want: Expected, base: str | None,
+              unknown_options: list[str] | None = None) -> None:
+    """Compare a file's tensors with what the model needs; raise_if_unfit with every offending key (and the
+    config's options this peftkit does not know, which may explain the mismatch)."""
     required, optional = want.required, want.optional
     missing = sorted(k for k in required if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in required and k not in optional)
@@ -206,4 +208,7 @@ def check_fit(what: str, tensors: dict[str, Tensor], want: Expected, base: str |
     wrong = sorted(f"{k}: file {file_shape}, model expects {model_shape}"
                    + (f" {want.notes[k]}" if k in want.notes else "") for k, (file_shape, model_shape) in shapes.items())
     story = likely_base(list(shapes.values()), list(tensors), list(required), base)
+    if unknown_options:
+        story = (f"Its config sets options this peftkit version does not know, which may be why: "
+                 f"{', '.join(unknown_options[:SHOWN_KEYS])}. Otherwise: {story}")
     raise_if_unfit(what, missing, unexpected, wrong, want.problems, base, story)

@@ -122,15 +122,12 @@ class LoraConfig:
         if peft_type != "LORA":
             raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; this loader reads 'LORA'")
         known = {f.name for f in fields(cls)}
-        unsupported = {
-            "lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
-            "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None,
-            "use_bdlora": None,
-        }
-        bad = [f"{k}={data[k]!r}" for k, default in unsupported.items()
-               if k in data and data[k] not in (default, None, False, [], {})]
+        bad = [f"{k}={data[k]!r}"[:200] for k, default in UNSUPPORTED_OPTIONS.items()
+               if k in data and data[k] not in (default, None, False, [], {}, "")]
         if bad:
-            raise ValueError("adapter_config.json uses options peftkit does not support yet: " + ", ".join(bad))
+            raise ValueError("adapter_config.json uses options peftkit does not support yet: " + ", ".join(bad)
+                             + "; they change the adapter's outputs, so it is not loaded without them (load it "
+                             "with HF PEFT, or retrain without them)")
         kwargs = {k: v for k, v in data.items() if k in known}
         if isinstance(kwargs.get("init_lora_weights"), str) and kwargs["init_lora_weights"] not in INIT_CHOICES:
             kwargs["init_lora_weights"] = True  # weights come from the file; the init scheme is moot
@@ -140,6 +137,15 @@ class LoraConfig:
 
     def replace(self, **changes: Any) -> LoraConfig:
         return replace(self, **changes)
+
+
+# PEFT LoRA options that change what the adapter computes and that peftkit does not implement, with the value
+# that means "off": a file setting one is refused, naming it, instead of loading into something else.
+UNSUPPORTED_OPTIONS: dict[str, Any] = {
+    "lora_bias": False, "layer_replication": None, "trainable_token_indices": None, "target_parameters": None,
+    "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None, "kasa_config": None,
+    "use_kasa": False, "velora_config": None, "monteclora_config": None, "arrow_config": None,
+}
 
 
 def _pattern_key(patterns: dict[str, Any], module_name: str, matcher: Matcher, what: str) -> str | None:

@@ -1,0 +1,56 @@
+"""PEFT options peftkit does not implement are named (issue 15): a file that sets one that changes the
+outputs is refused naming it; an option this version does not know at all is named when the file then does
+not fit, instead of only "another base model?"."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import peftkit
+
+
+def saved(tmp_path, **extra):
+    model = tiny_llama()
+    peftkit.inject(model, peftkit.LoraConfig(r=4, target_modules=["q_proj"]))
+    peftkit.save_adapter(model, tmp_path / "a")
+    cfg = tmp_path / "a" / "adapter_config.json"
+    cfg.write_text(json.dumps(json.loads(cfg.read_text()) | extra))
+    return tmp_path / "a"
+
+
+@pytest.mark.parametrize("option, value", [
+    ("kasa_config", {"rank": 4}), ("use_kasa", True), ("velora_config", {"r": 2}),
+    ("monteclora_config", {"n": 2}), ("arrow_config", {"top_k": 2}), ("layer_replication", [[0, 1]]),
+])
+def test_an_unimplemented_peft_option_is_refused_by_name(tmp_path, option, value):
+    with pytest.raises(ValueError, match=rf"does not support yet: {option}="):
+        peftkit.load_adapter(tiny_llama(), saved(tmp_path, **{option: value}))
+
+
+def test_the_same_options_switched_off_load(tmp_path):
+    model = tiny_llama()
+    peftkit.load_adapter(model, saved(tmp_path, kasa_config=None, use_kasa=False, velora_config=None))
+    assert "default" in peftkit.active_adapters(model)
+
+
+def test_an_unknown_option_is_named_when_the_file_does_not_fit(tmp_path):
+    folder = saved(tmp_path, future_magic_config={"blocks": 3}, peft_version="9.9.9")
+    tensors = peftkit.read_adapter(folder)[1]
+    from safetensors.torch import save_file
+
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.zeros(4, 7)  # a shape the option might have explained
+    save_file({f"base_model.model.{k}": v for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not know, which may be why: future_magic_config=\{'blocks': 3\}"):
+        peftkit.load_adapter(tiny_llama(), folder)
+
+
+def test_an_unknown_option_is_ignored_when_the_file_fits(tmp_path):
+    model = tiny_llama()
+    peftkit.load_adapter(model, saved(tmp_path, future_flag=True))  # tolerated: nothing contradicts the file
+    assert "default" in peftkit.active_adapters(model)
