@@ -54,3 +54,36 @@ def test_an_unknown_option_is_ignored_when_the_file_fits(tmp_path):
     model = tiny_llama()
     peftkit.load_adapter(model, saved(tmp_path, future_flag=True))  # tolerated: nothing contradicts the file
     assert "default" in peftkit.active_adapters(model)
+
+
+NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "bar.1.q_proj", "model.bar.1.q_proj",
+         "model.foobar.1.q_proj", "model.h.2.q_proj", "model.layers.1.experts.0.q_proj", "q_proj"]
+
+
+def model_with(names: list[str]) -> torch.nn.Module:
+    """Linear layers at exactly these module paths."""
+    root = torch.nn.Module()
+    for name in names:
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, torch.nn.Linear(2, 2))
+    return root
+
+
+@pytest.mark.parametrize("layers_pattern", [None, "", [], ["layers"], "layers", ["bar"], ["h", "layers"], "bar"])
+def test_layers_pattern_selects_what_peft_selects(layers_pattern):
+    """PEFT's check_target_module_exists is the reference, name by name."""
+    peft_utils = pytest.importorskip("peft.tuners.tuners_utils")
+    from peft import LoraConfig as PeftLoraConfig
+
+    from peftkit.targeting import select_targets
+
+    ours = peftkit.LoraConfig(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern=layers_pattern)
+    theirs = PeftLoraConfig(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern=layers_pattern)
+    want = sorted(n for n in NAMES if peft_utils.check_target_module_exists(theirs, n))
+    assert want, layers_pattern
+    assert sorted(n for n, _ in select_targets(model_with(NAMES), ours)) == want

@@ -71,7 +71,9 @@ def matches(spec: tuple[str, ...] | str | None, name: str, matcher: Matcher | No
 
 
 def _layer_index(name: str, layers_pattern: tuple[str, ...] | None, matcher: Matcher) -> int | None:
-    if not layers_pattern:
+    """The layer number in `name` (PEFT's rule): after one of the patterns (each preceded by "." or at the
+    start), else the first number after a dotted segment when there is no pattern ("" and [] count as none)."""
+    if not layers_pattern or all(p == "" for p in layers_pattern):
         m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
         return int(m.group(1)) if m else None
     for pattern in layers_pattern:
@@ -145,7 +147,8 @@ def select_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
             continue
         if save and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in save):
             continue
-        if config.layers_to_transform is not None:
+        named_outright = isinstance(targets, tuple) and name in targets  # PEFT skips the layer check for these
+        if config.layers_to_transform is not None and not named_outright:
             if _layer_index(name, config.layers_pattern, matcher) not in config.layers_to_transform:
                 continue
         if adaptable_kind(judged) is None:
