@@ -87,3 +87,25 @@ def test_layers_pattern_selects_what_peft_selects(layers_pattern):
     want = sorted(n for n in NAMES if peft_utils.check_target_module_exists(theirs, n))
     assert want, layers_pattern
     assert sorted(n for n, _ in select_targets(model_with(NAMES), ours)) == want
+
+
+def test_lora_default_targets_are_peft_s_table():
+    constants = pytest.importorskip("peft.utils.constants")
+    from peftkit.hf.arch import LORA_DEFAULT_TARGETS
+
+    theirs = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    for model_type, targets in theirs.items():
+        ours = LORA_DEFAULT_TARGETS[model_type]
+        assert (ours if isinstance(ours, str) else list(ours)) == targets, model_type
+    assert set(LORA_DEFAULT_TARGETS) - set(theirs) == {"phi3"}
+
+
+@pytest.mark.parametrize("model_type, expect", [("gptj", {"q_proj", "v_proj"}), ("bloom", {"query_key_value"}),
+                                                ("gemma3_text", {"q_proj", "v_proj"})])
+def test_default_targets_on_models_that_had_none(model_type, expect):
+    from test_arch_parity import tiny_base
+
+    model = tiny_base(model_type)
+    peftkit.inject(model, peftkit.LoraConfig(r=2))  # target_modules=None: the architecture's defaults
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "LoraLayer"}
+    assert wrapped == expect

@@ -95,7 +95,7 @@ def output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def default_targets(model: nn.Module) -> tuple[str, ...]:
+def default_targets(model: nn.Module) -> tuple[str, ...] | str:
     """LoRA's targets when target_modules is None, by `model.config.model_type` (PEFT's table, in peftkit.hf)."""
     targets = lora_default_targets(model)
     if targets is not None:

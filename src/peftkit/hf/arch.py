@@ -28,16 +28,23 @@ VERIFIED: dict[str, frozenset[str]] = {
     "gpt2": TRAINING_FAST_PATHS | {"dora", "prefix", "bottleneck", "ia3", "serve"},
 }
 
-# --- LoRA: target_modules=None picks these, by model_type (HF PEFT's table) -----------------------------------
-LORA_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",),
-    "gpt2": ("c_attn",),
-    "gpt_neox": ("query_key_value",),
-    "opt": ("q_proj", "v_proj"),
+# --- LoRA: target_modules=None picks these, by model_type (HF PEFT's table,
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, compared with it by a test; a str is a regex) ----------
+_QV = ("q_proj", "v_proj")
+LORA_DEFAULT_TARGETS: dict[str, tuple[str, ...] | str] = {
+    "t5": ("q", "v"), "mt5": ("q", "v"), "bart": _QV, "gpt2": ("c_attn",), "bloom": ("query_key_value",),
+    "blip-2": ("q", "v", "q_proj", "v_proj"), "opt": _QV, "gptj": _QV, "gpt_neox": ("query_key_value",),
+    "gpt_neo": _QV, "bert": ("query", "value"), "roberta": ("query", "value"), "xlm-roberta": ("query", "value"),
+    "electra": ("query", "value"), "deberta-v2": ("query_proj", "value_proj"), "deberta": ("in_proj",),
+    "layoutlm": ("query", "value"), "llama": _QV, "llama4": _QV, "chatglm": ("query_key_value",),
+    "gpt_bigcode": ("c_attn",), "mpt": ("Wqkv",), "RefinedWebModel": ("query_key_value",),
+    "RefinedWeb": ("query_key_value",), "falcon": ("query_key_value",), "btlm": ("c_proj", "c_attn"),
+    "codegen": ("qkv_proj",), "mistral": _QV, "mixtral": _QV, "stablelm": _QV,
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"), "gemma": _QV, "gemma2": _QV, "gemma3_text": _QV,
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)", "qwen2": _QV, "qwen3": _QV,
+    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"), "rwkv": ("key", "value", "receptance", "output"),
+    "rwkv7": ("r_proj", "k_proj", "v_proj", "o_proj", "key", "value"),
+    "phi3": ("qkv_proj",),  # not in PEFT's table: peftkit's own (Phi-3 fuses q, k, v)
 }
 
 # --- bottleneck adapters: the last projection of the attention block and of the feed-forward block -----------
@@ -108,7 +115,7 @@ def verified_features(model: nn.Module) -> frozenset[str]:
     return VERIFIED.get(model_type(model), frozenset())
 
 
-def lora_default_targets(model: nn.Module) -> tuple[str, ...] | None:
+def lora_default_targets(model: nn.Module) -> tuple[str, ...] | str | None:
     """LoRA's target_modules for target_modules=None, by model_type; None when the table has no entry."""
     return LORA_DEFAULT_TARGETS.get(model_type(model))
 
