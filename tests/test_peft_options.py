@@ -109,3 +109,56 @@ def test_default_targets_on_models_that_had_none(model_type, expect):
     peftkit.inject(model, peftkit.LoraConfig(r=2))  # target_modules=None: the architecture's defaults
     wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "LoraLayer"}
     assert wrapped == expect
+
+
+def _peft_pissa(tmp_path, init: str):
+    """A PEFT PiSSA/OLoRA adapter 'trained' (A, B moved) and saved without conversion, and the model's logits."""
+    peft = pytest.importorskip("peft")
+    from conftest import inputs
+
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights=init))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(tmp_path / "pissa")
+    with torch.no_grad():
+        return tmp_path / "pissa", model(inputs("llama")).logits
+
+
+def test_an_unconverted_pissa_file_loads_onto_the_original_base_as_in_peft(tmp_path):
+    from conftest import inputs
+
+    folder, trained = _peft_pissa(tmp_path, "pissa")
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), folder)
+    ours = peftkit.load_adapter(tiny_llama(), folder)
+    with torch.no_grad():
+        want = theirs(inputs("llama")).logits
+        torch.testing.assert_close(want, trained, rtol=0, atol=1e-5)  # PEFT rebuilds the residual base
+        torch.testing.assert_close(ours(inputs("llama")).logits, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["olora", "pissa_niter_4"])
+def test_base_changing_inits_peftkit_cannot_rebuild_are_refused_with_the_conversion(tmp_path, init):
+    folder, _ = _peft_pissa(tmp_path, init)
+    with pytest.raises(ValueError, match=rf"init_lora_weights='{init}'.*path_initial_model_for_weight_conversion"):
+        peftkit.load_adapter(tiny_llama(), folder)
+
+
+def test_a_pissa_adapter_saved_by_peftkit_round_trips_onto_a_fresh_base(tmp_path):
+    from conftest import inputs
+
+    model = tiny_llama()
+    peftkit.inject(model, peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="pissa"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05)
+        trained = model(inputs("llama")).logits
+    peftkit.save_adapter(model, tmp_path / "a")
+    fresh = peftkit.load_adapter(tiny_llama(), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(inputs("llama")).logits, trained, rtol=0, atol=1e-5)

@@ -14,6 +14,8 @@ from ...patterns import Matcher, matcher_for, pattern_problems
 from ...targeting import as_tuple
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
+# initialisations that change the base weights (PEFT's; "pissa" with a full SVD is rebuilt on load instead)
+BASE_CHANGING_INITS = ("olora", "corda", "loftq")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -129,7 +131,15 @@ class LoraConfig:
                              + "; they change the adapter's outputs, so it is not loaded without them (load it "
                              "with HF PEFT, or retrain without them)")
         kwargs = {k: v for k, v in data.items() if k in known}
-        if isinstance(kwargs.get("init_lora_weights"), str) and kwargs["init_lora_weights"] not in INIT_CHOICES:
+        init = kwargs.get("init_lora_weights")
+        if isinstance(init, str) and (init in BASE_CHANGING_INITS or init.startswith("pissa_niter_")):
+            raise ValueError(
+                f"adapter_config.json has init_lora_weights={init!r}: the adapter trained on a base that this "
+                "initialisation changed (a residual of the weights), which the file does not hold, so on the "
+                "original model it would give wrong outputs. Convert it to a plain LoRA file first: in HF PEFT, "
+                "save it with save_pretrained(out, path_initial_model_for_weight_conversion=<the adapter as "
+                "saved right after initialisation>), which writes an adapter (rank 2r) for the untouched base")
+        if isinstance(init, str) and init not in INIT_CHOICES:
             kwargs["init_lora_weights"] = True  # weights come from the file; the init scheme is moot
         if isinstance(kwargs.get("layers_to_transform"), int):
             kwargs["layers_to_transform"] = [kwargs["layers_to_transform"]]

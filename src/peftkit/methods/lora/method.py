@@ -47,7 +47,7 @@ class LoraMethod:
             layer = module if isinstance(module, LoraLayer) else LoraLayer(module, adaptable_kind(module))
             layer.add_adapter(
                 name, r=config.rank_for(path), scaling=config.scaling_for(path), dropout=config.lora_dropout,
-                init=config.init_lora_weights if init else True, dora=config.use_dora,
+                init=config.init_lora_weights if init or rebuilds_base(config) else True, dora=config.use_dora,
             )
             if layer is not module:
                 replace_module(model, path, layer)
@@ -104,3 +104,11 @@ class LoraMethod:
 
 
 METHOD = LoraMethod()
+
+
+def rebuilds_base(config: LoraConfig) -> bool:
+    """Whether loading a file of this config rebuilds the base it was trained on, as PEFT does: a PiSSA
+    adapter saved without conversion trained on W minus its top-r part, which the init recomputes (a full,
+    deterministic SVD) before the file's A and B are copied in."""
+    return config.init_lora_weights == "pissa"
+
