@@ -14,7 +14,7 @@ import torch
 
 import peftkit
 from peftkit import hf
-from peftkit.train.loss import sum_token_loss
+from peftkit.train import token_loss
 
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=64, n_embd=32, n_layer=2, n_head=4,
@@ -87,7 +87,7 @@ def test_training_loss_and_gradients_equal_the_model_s_own(model_type):
     assert ("head_loss" in hf.verified_features(model)) == (model_type not in hf.arch.SCALED_HEAD_TYPES)
     for left in (True, False):
         ids, mask, labels = batch(left)
-        loss, n = sum_token_loss(model, ids, mask, labels)
+        loss, n = token_loss(model, ids, mask, labels)  # the public entry point: what the trainer uses
         (loss / n).backward()
         fast = grads(model)
         ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss

@@ -49,6 +49,7 @@ def test_targets_on_a_local_model_directory(tmp_path, capsys):
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
                             ).save_pretrained(tmp_path / "m")
     assert main(["targets", "all-linear", "--model", str(tmp_path / "m"), "--rank", "2"]) == 0
-    assert "14 modules selected" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "14 modules selected" in out and "architecture 'llama': verified fast paths head_loss, fused_linear" in out
     assert main(["targets", "nothing_here", "--model", str(tmp_path / "m")]) == 2
     assert "matched no module" in capsys.readouterr().err

@@ -70,7 +70,23 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     total = sum(p.numel() for p in model.parameters())
     print(f"{len(selected)} modules selected; LoRA r={args.rank} adds {added:,} parameters "
           f"({100 * added / total:.3f}% of {total:,})")
+    print(describe_verified(model))
     return 0
+
+
+def describe_verified(model) -> str:
+    """Which of peftkit's fast paths a parity test proves for this model's architecture (hf.arch.VERIFIED)."""
+    from . import hf
+
+    kind = hf.model_type(model)
+    have = hf.verified_features(model)
+    fast = [f for f in ("head_loss", "fused_linear", "fused_mlp") if f in have]
+    if not fast:
+        return (f"architecture {kind!r}: no training fast path is verified for it, so training uses the model's "
+                "own forward (exact, slower; tests/test_arch_parity.py lists the verified ones)")
+    others = [f for f in hf.FEATURES if f in have and f not in fast]
+    return (f"architecture {kind!r}: verified fast paths {', '.join(fast)}"
+            + (f"; also verified: {', '.join(others)}" if others else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=_cmd_inspect)
 
     targets = sub.add_parser("targets", help="list the modules a target spec selects in a model",
-                             description="Apply PEFT's target rules to a model and count what LoRA would add.")
+                             description="Apply PEFT's target rules to a model, count what LoRA would add, and "
+                             "say which training fast paths a parity test verifies for its architecture.")
     targets.add_argument("target_modules", nargs="+", help="module names, 'all-linear', or one regex with --regex")
     targets.add_argument("--model", default="smollm2", help="'smollm2', a transformers dir or a .gguf file")
     targets.add_argument("--regex", action="store_true", help="treat the single target as a fullmatch regex")

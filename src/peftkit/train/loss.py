@@ -165,3 +165,20 @@ def sum_token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 def reference_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
     """transformers' own mean loss over labelled tokens, for tests and benchmarks."""
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+
+def token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+               chunk: int = 1024) -> tuple[Tensor, int]:
+    """The loss `peftkit train` uses, for your own training loop: (sum of next-token cross-entropy over the
+    positions whose label is not -100, their count). Labels are aligned with input_ids, as for
+    `model(input_ids, labels=labels)`; `loss / count` equals that call's loss (within float rounding, tested
+    per architecture in tests/test_arch_parity.py), but on a verified architecture the (B, T, V) logits are
+    never built: only labelled positions go through the output head, `chunk` at a time, and LoRA's fused
+    nodes skip the padding. Divide by the token count of the whole batch when accumulating gradients over
+    micro-batches, so that they add up to the gradient of one batch.
+
+        loss, n = token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        (loss / n).backward()
+    """
+    return sum_token_loss(model, input_ids, attention_mask, labels, chunk)
+
