@@ -124,6 +124,11 @@ def sum_token_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 
     The caller divides by the token count of the whole global batch, so that gradient accumulation and
     data-parallel ranks give exactly the gradient of one big batch."""
+    if hf.is_encoder_decoder(model):
+        raise ValueError(
+            f"peftkit's training loss is for causal (decoder-only) language models; {hf.model_type(model)!r} is "
+            "an encoder-decoder model. Adapters inject, merge, save and load on it (HF PEFT's files), but train it "
+            "in a loop of your own with model(input_ids=..., labels=...).loss, or with transformers' Seq2SeqTrainer")
     front = _positions_in_front(model)
     if front:  # the model's logits cover positions put before the input; they carry no label
         labels = torch.cat([labels.new_full((labels.shape[0], front), IGNORE_INDEX), labels], dim=1)
