@@ -25,8 +25,9 @@ SCALED_HEADS = {"granite": {"logits_scaling": 4.0}, "granitemoe": {"logits_scali
 ALL_TYPES = hf.arch.PARITY_TYPES
 
 
-def tiny_base(model_type: str):
-    """A 2-layer random model of `model_type`, dropout off (both sides must see the same function)."""
+def tiny_base(model_type: str, **config):
+    """A 2-layer random model of `model_type`, dropout off (both sides must see the same function); `config`
+    overrides more fields."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(model_type)
@@ -39,7 +40,7 @@ def tiny_base(model_type: str):
     for key in list(cfg.to_dict()):
         if "dropout" in key or key.endswith("pdrop"):
             setattr(cfg, key, 0.0)
-    for key, value in SCALED_HEADS.get(model_type, {}).items():
+    for key, value in (SCALED_HEADS.get(model_type, {}) | config).items():
         setattr(cfg, key, value)
     torch.manual_seed(0)
     with warnings.catch_warnings():
