@@ -33,7 +33,7 @@ def _reply_guard(tokenizer, targets: list[str], exact_only: list[bool], prompt_l
     return ReplyGuard()
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under FSDP the gathered parameters must stay usable for training
 def greedy_replies(model, tokenizer, conversations: list[list[dict]], targets: list[str],
                    exact_only: list[bool] | None = None, batch_size: int = 50, progress: bool = False) -> list[str]:
     """The greedy reply to each conversation, generated only as far as judging it against its target needs:
