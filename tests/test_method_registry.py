@@ -21,14 +21,19 @@ CORE = ["registry.py", "record.py", "files.py", "inject.py", "adapters.py", "mer
         "plan/memory.py"]
 METHOD_WORDS = {"LORA", "BOTTLENECK", "PREFIX_TUNING", "lora", "dora", "qlora", "bottleneck",
                 "LoraConfig", "BottleneckConfig", "PrefixConfig", "LoraLayer", "BottleneckLayer", "PrefixAdapters",
-                "IA3", "ia3", "IA3Config", "IA3Layer"}
+                "IA3", "ia3", "IA3Config", "IA3Layer", "LOHA", "LOKR", "loha", "lokr", "LoHaConfig", "LoKrConfig",
+                "LycorisLayer", "VERA", "vera", "VeraConfig", "VeraLayer", "ADALORA", "adalora", "AdaLoraConfig",
+                "PROMPT_TUNING", "P_TUNING", "prompt", "ptuning", "ptuning-lstm", "PromptTuningConfig",
+                "PromptEncoderConfig"}
 # Defaults, not dispatch: PEFT reads a config without peft_type as LORA, and the planner's default --method.
 ALLOWED = {"registry.py": {"LORA"}, "plan/memory.py": {"lora"}}
 
 
 def test_the_builtin_methods_are_registered_under_peft_types():
-    assert registry.peft_types() == ["LORA", "BOTTLENECK", "PREFIX_TUNING", "IA3"]
-    assert registry.train_names() == ["lora", "qlora", "dora", "bottleneck", "prefix", "ia3"]
+    assert registry.peft_types() == ["LORA", "BOTTLENECK", "PREFIX_TUNING", "IA3", "LOHA", "LOKR", "VERA", "ADALORA",
+                                     "PROMPT_TUNING", "P_TUNING"]
+    assert registry.train_names() == ["lora", "qlora", "dora", "bottleneck", "prefix", "ia3", "loha", "lokr", "vera",
+                                      "adalora", "prompt", "ptuning", "ptuning-lstm"]
     assert registry.by_train_name("dora") is registry.by_peft_type("LORA")
     assert registry.nf4_train_names() == ["qlora"]
     for config in (LoraConfig(target_modules=["q"]), BottleneckConfig(), PrefixConfig(), IA3Config()):
@@ -38,10 +43,10 @@ def test_the_builtin_methods_are_registered_under_peft_types():
 
 
 def test_unknown_types_and_names_are_refused_with_the_known_ones():
-    with pytest.raises(ValueError, match="'VERA'.*LORA, BOTTLENECK, PREFIX_TUNING, IA3"):
-        registry.config_from_peft_dict({"peft_type": "VERA"})
-    with pytest.raises(ValueError, match="'vera'.*lora, qlora, dora, bottleneck, prefix, ia3"):
-        registry.by_train_name("vera")
+    with pytest.raises(ValueError, match="'BOFT'.*LORA, BOTTLENECK, PREFIX_TUNING, IA3, LOHA"):
+        registry.config_from_peft_dict({"peft_type": "BOFT"})
+    with pytest.raises(ValueError, match="'boft'.*lora, qlora, dora, bottleneck, prefix, ia3, loha"):
+        registry.by_train_name("boft")
     with pytest.raises(TypeError, match="inject expects an adapter config .*got dict"):
         registry.for_config({"peft_type": "LORA"})
 

@@ -26,10 +26,14 @@ from .adapters import (
 from .checkpoint import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from .inject import inject
 from .merge import merge, merge_and_unload, merged_adapters, unmerge
+from .methods.adalora import AdaLoraConfig
 from .methods.bottleneck import (BottleneckConfig, BottleneckLayer, bottleneck_state_dict, inject_bottleneck,
                                  load_bottleneck, save_bottleneck, unload_bottleneck)
 from .methods.ia3 import IA3Config, IA3Layer
 from .methods.lora import LoraConfig, LoraLayer, WeightAccess, combine
+from .methods.lycoris import LoHaConfig, LoKrConfig, LycorisLayer
+from .methods.vera import VeraConfig
+from .methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from .methods.prefix import (
     PrefixConfig,
     fold_prefix,
@@ -54,4 +58,8 @@ __all__ = [
     "unload_bottleneck", "save_bottleneck", "load_bottleneck", "bottleneck_state_dict", "PrefixConfig",
     "inject_prefix", "save_prefix", "load_prefix", "remove_prefix", "set_prefix_enabled", "fold_prefix",
     "IA3Config", "IA3Layer", "__version__",
+    "AdaLoraConfig",
+    "LoHaConfig", "LoKrConfig", "LycorisLayer",
+    "VeraConfig",
+    "PromptTuningConfig", "PromptEncoderConfig",
 ]

@@ -90,6 +90,20 @@ class Method(Protocol):
     def describe(self, config: Any) -> str:
         """One line for peftkit.summary."""
 
+    # Optional training hooks: the trainer calls them through getattr with a no-op default (train/method.py), so
+    # a method without them needs nothing. `names` are the model's active adapters (the ones training).
+    def training_loss_extra(self, model: nn.Module, names: list[str]) -> Tensor | None:
+        """A term added to the training loss once per optimizer step (a regularizer), or None."""
+
+    def after_optimizer_step(self, model: nn.Module, names: list[str], step: int, total_steps: int) -> None:
+        """Called after the optimizer's step `step` (0-based) of `total_steps`, gradients still present."""
+
+    def trainer_state(self, model: nn.Module, names: list[str]) -> dict[str, Any]:
+        """What a checkpoint must keep beyond the trainable parameters (tensors, lists, numbers) to resume."""
+
+    def load_trainer_state(self, model: nn.Module, names: list[str], state: dict[str, Any]) -> None:
+        """Put `trainer_state`'s dict back when a run resumes."""
+
 
 _BY_TYPE: dict[str, Method] = {}
 _BY_TRAIN_NAME: dict[str, Method] = {}

@@ -37,6 +37,13 @@ def test_a_shape_from_a_real_config_counts_that_model_exactly():
     ("bottleneck", lambda: peftkit.BottleneckConfig(variant="houlsby", reduction_factor=4)),
     ("prefix", lambda: peftkit.PrefixConfig(num_virtual_tokens=5)),
     ("ia3", lambda: peftkit.IA3Config()),  # the planner's all-linear: IA3's defaults, as `train --method ia3`
+    ("prompt", lambda: peftkit.PromptTuningConfig(num_virtual_tokens=5)),
+    ("ptuning", lambda: peftkit.PromptEncoderConfig(num_virtual_tokens=5)),
+    ("ptuning-lstm", lambda: peftkit.PromptEncoderConfig(num_virtual_tokens=5, encoder_reparameterization_type="LSTM")),
+    ("adalora", lambda: peftkit.AdaLoraConfig(init_r=4, target_r=2, target_modules="all-linear")),
+    ("loha", lambda: peftkit.LoHaConfig(r=4, target_modules="all-linear")),
+    ("lokr", lambda: peftkit.LoKrConfig(r=4, target_modules="all-linear")),
+    ("vera", lambda: peftkit.VeraConfig(r=4, target_modules="all-linear")),
 ])
 def test_planned_trainable_parameters_equal_what_inject_adds(method, config):
     model = tiny_llama()

@@ -20,7 +20,7 @@ from . import data as data_mod
 from . import distributed as dist_mod
 from . import recipe, report
 from .loss import sum_token_loss
-from .method import describe_method, inject_method
+from .method import after_optimizer_step, describe_method, inject_method, loss_extra
 from .options import TrainOptions
 from .recipe import lr_lambda, make_optimizer
 from .run import Run
@@ -88,7 +88,9 @@ def train_step(run: Run, step: int) -> StepResult:
         batch = {k: v.to(dist.device) for k, v in data_mod.collate(micro, run.data.pad_id).items()}
         loss, _ = sum_token_loss(run.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                  o.loss_chunk)
-        (loss * (dist.world_size / max(norm, 1))).backward()
+        extra = loss_extra(run.model, o)  # a method's regularizer: once per step, shared out by answer tokens
+        trained = loss if extra is None else loss + extra * sum(_answer_tokens(e) for e in micro)
+        (trained * (dist.world_size / max(norm, 1))).backward()
         loss_sum += float(loss.detach())
         tokens += int(batch["attention_mask"].sum())
     if dist.enabled and not o.fsdp:
@@ -97,6 +99,7 @@ def train_step(run: Run, step: int) -> StepResult:
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
+    after_optimizer_step(run.model, o, step, run.data.total_steps)
     run.optimizer.zero_grad(set_to_none=True)
     loss_value = dist_mod.reduce_mean(loss_sum, dist) * dist.world_size / max(norm, 1)
     tokens = int(dist_mod.reduce_mean(float(tokens), dist) * dist.world_size)

@@ -8,7 +8,7 @@ The recipe names no method; each method's own folder says how its options become
 
 from __future__ import annotations
 
-from .. import registry
+from .. import record, registry
 from ..inject import inject
 from .options import TrainOptions
 
@@ -40,3 +40,33 @@ def base_quantization(o: TrainOptions) -> str | None:
 def trains_whole_model(o: TrainOptions) -> bool:
     """True for --method full: no adapter; the run saves the whole model (a transformers directory)."""
     return o.method == FULL
+
+
+# --- the method's optional training hooks (Method.training_loss_extra, ...; a no-op for methods without them) ---
+def _hook(o: TrainOptions, hook: str):
+    return None if o.method == FULL else getattr(registry.by_train_name(o.method), hook, None)
+
+
+def loss_extra(model, o: TrainOptions):
+    """The method's extra loss term for this step (a Tensor), or None."""
+    hook = _hook(o, "training_loss_extra")
+    return None if hook is None else hook(model, record.active_adapters(model))
+
+
+def after_optimizer_step(model, o: TrainOptions, step: int, total_steps: int) -> None:
+    """Let the method act after the optimizer's step (gradients still present)."""
+    hook = _hook(o, "after_optimizer_step")
+    if hook is not None:
+        hook(model, record.active_adapters(model), step, total_steps)
+
+
+def method_state(model, o: TrainOptions) -> dict:
+    """The method's own training state for a checkpoint ({} for most methods)."""
+    hook = _hook(o, "trainer_state")
+    return {} if hook is None else hook(model, record.active_adapters(model))
+
+
+def restore_method_state(model, o: TrainOptions, saved: dict) -> None:
+    hook = _hook(o, "load_trainer_state")
+    if hook is not None:
+        hook(model, record.active_adapters(model), saved)

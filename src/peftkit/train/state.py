@@ -13,7 +13,7 @@ from ..checkpoint import adapter_state_dict, save_adapter
 from ..files import honour_umask
 from . import checkpoints as ckpt
 from . import distributed as dist_mod
-from .method import trains_whole_model
+from .method import method_state, restore_method_state, trains_whole_model
 from .options import SAME_RUN, TrainOptions
 from .run import Run
 
@@ -63,7 +63,8 @@ def save_checkpoint(run: Run, step: int) -> None:
         opt_state = run.optimizer.state_dict()
     if dist.is_main:
         state = {"step": step, "optimizer": opt_state, "scheduler": run.scheduler.state_dict(),
-                 "rng": ckpt.capture_rng(), "exact_match_before": run.scorer.before, "world_size": dist.world_size}
+                 "rng": ckpt.capture_rng(), "exact_match_before": run.scorer.before, "world_size": dist.world_size,
+                 "method": method_state(model, o)}
         no_adapter_copy = run.sharded or trains_whole_model(o)
         extra = None if no_adapter_copy else {"adapter": lambda p: save_adapter(model, p)}
         ckpt.save_checkpoint(run.out, step, params=params, trainer_state=state, extra_dirs=extra,
@@ -101,6 +102,7 @@ def restore_checkpoint(run: Run, path: Path) -> None:
         run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     ckpt.restore_rng(state["rng"])
+    restore_method_state(run.model, run.o, state.get("method", {}))
     run.start_step, run.scorer.before = int(state["step"]), state.get("exact_match_before")
 
 
