@@ -526,3 +526,13 @@ def test_plan_and_sweep_take_method_vera(capsys):
     assert "VeRA targets ['wq'] are not linear layers" in capsys.readouterr().err
     assert sweep.parse_methods("vera,lora") == ("vera", "lora")
     assert [c.name for c in sweep.candidates(("vera",), (64, 256))] == ["vera-r64", "vera-r256"]
+
+
+def test_a_huge_rank_is_refused_before_drawing_projections():
+    """A file's r is checked against its tensors first (they would have to be as large); a config built in code
+    is bounded here: r x (in + out) values at most."""
+    import peftkit
+    from conftest import tiny_llama
+
+    with pytest.raises(ValueError, match="r=10000000 would need projections"):
+        peftkit.inject(tiny_llama(), peftkit.VeraConfig(r=10**7, target_modules=["q_proj"]))

@@ -101,8 +101,13 @@ def suggest_rank(ranked: list[dict], swept_ranks: tuple[int, ...], energy: float
     runs = [t for t in ranked if t["status"] == "ok" and t.get("r") and t.get("adapter_dir")]
     if not runs:
         return {"from": None, "note": "no LoRA-family trial finished, so there is no update to measure"}
-    top = max(runs, key=lambda t: t["r"])
-    per_module = {m: energy_rank(s, energy) for m, s in lora_spectra(top["adapter_dir"]).items()}
+    # the highest-rank trial whose file holds A/B factors (other ranked methods, LoHa, LoKr, VeRA, have none)
+    found = ((t, lora_spectra(t["adapter_dir"])) for t in sorted(runs, key=lambda t: -t["r"]))
+    top, spectra = next(((t, s) for t, s in found if s), (None, {}))
+    if top is None:
+        return {"from": None, "note": "no finished trial holds low-rank A/B factors (lora, qlora, dora), so there "
+                "is no update to measure"}
+    per_module = {m: energy_rank(s, energy) for m, s in spectra.items()}
     ranks = [k for k in per_module.values() if k is not None]
     if not ranks:
         return {"from": top["name"], "note": "the trained update is zero; train longer or with a higher --lr"}

@@ -30,8 +30,15 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tenso
     return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
 
 
+MAX_PROJECTION_ELEMENTS = 1 << 28  # 1 GiB of float32: bounds what a config (possibly a hostile file) can make us draw
+
+
 def draw(key: int, r: int, max_in: int, max_out: int) -> tuple[Tensor, Tensor]:
-    """(vera_A (r, max_in), vera_B (max_out, r)) for seed `key`: PEFT's draws, in PEFT's order."""
+    """(vera_A (r, max_in), vera_B (max_out, r)) for seed `key`: PEFT's draws, in PEFT's order. A ValueError
+    when they would exceed MAX_PROJECTION_ELEMENTS (r comes from the config, which may be a hostile file)."""
+    if r * (max_in + max_out) > MAX_PROJECTION_ELEMENTS:
+        raise ValueError(f"VeRA r={r} would need projections of {r} x ({max_in} + {max_out}) values, over the "
+                         f"{MAX_PROJECTION_ELEMENTS:,} peftkit allows; use a smaller r (PEFT's examples use 256)")
     generator = torch.Generator(device="cpu").manual_seed(key)
     vera_a = kaiming_uniform((r, max_in), generator)
     vera_b = kaiming_uniform((max_out, r), generator)
