@@ -50,3 +50,16 @@ def merge_dtype(w: Tensor) -> torch.dtype:
     """DoRA merges scale the weight (f * (W + delta)) and unmerges divide it again: float64 keeps that round
     trip as exact as a plain LoRA merge (one rounding, when the result is stored). MPS has no float64."""
     return torch.float32 if w.device.type == "mps" else torch.float64
+
+
+def linear_features(kind: str, base: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a linear-like base of `kind` ('linear' or 'conv1d', transformers' Conv1D storing
+    its weight (in, out)), read from its attributes, so a 4-bit base is not dequantized for it."""
+    if kind == "conv1d":
+        n_in, n_out = base.weight.shape
+    elif hasattr(base, "in_features"):
+        n_in, n_out = base.in_features, base.out_features
+    else:
+        n_out, n_in = get_dense_weight(base).shape
+    return n_in, n_out
+

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from ...patterns import PatternError
 from ...registry import Expected
+from ...weights import linear_features
 from .allocator import layers_of
 from .config import AdaLoraConfig
-from .layer import features
 from .targets import select_adalora_targets
 
 
@@ -52,7 +52,7 @@ def expected(model: nn.Module, config: AdaLoraConfig) -> Expected:
         return Expected(problems=[str(err)])
     want = Expected()
     for path, module, kind in targets:
-        n_in, n_out = features(kind, getattr(module, "base", module))
+        n_in, n_out = linear_features(kind, getattr(module, "base", module))
         r = config.loaded_rank(path)
         key_a, key_e, key_b = keys(path)
         want.required[key_a], want.required[key_e], want.required[key_b] = (r, n_in), (r, 1), (n_out, r)

@@ -23,20 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...record import route_forward, wrappers
-from ...weights import adapter_dtype, base_device, get_dense_weight, set_dense_weight
+from ...weights import adapter_dtype, base_device, get_dense_weight, linear_features, set_dense_weight
 
 EPS = 1e-5  # PEFT adds it to ranknum (a layer pruned to rank 0 divides by it)
-
-
-def features(kind: str, base: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a linear-like base, read from its attributes (a 4-bit base is not dequantized)."""
-    if kind == "conv1d":
-        n_in, n_out = base.weight.shape
-    elif hasattr(base, "in_features"):
-        n_in, n_out = base.in_features, base.out_features
-    else:
-        n_out, n_in = get_dense_weight(base).shape
-    return n_in, n_out
 
 
 class AdaLoraLayer(nn.Module):
@@ -54,7 +43,7 @@ class AdaLoraLayer(nn.Module):
         self.training = base.training
         self.kind = kind
         self.path = path
-        self.in_features, self.out_features = features(kind, base)
+        self.in_features, self.out_features = linear_features(kind, base)
         self.lora_A = nn.ParameterDict()
         self.lora_E = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()

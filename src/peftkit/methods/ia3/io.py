@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from ...patterns import PatternError
 from ...registry import Expected
+from ...weights import linear_features
 from .config import IA3Config
-from .layer import features, ia3_layers
+from .layer import ia3_layers
 from .targets import resolved, select_ia3_targets
 
 
@@ -38,7 +39,7 @@ def expected(model: nn.Module, config: IA3Config) -> Expected:
         return Expected(problems=[str(err)])
     want = Expected()
     for path, module, kind, feedforward in targets:
-        n_in, n_out = features(kind, getattr(module, "base", module))
+        n_in, n_out = linear_features(kind, getattr(module, "base", module))
         want.required[key(path)] = (1, n_in) if feedforward else (n_out, 1)
         want.notes[key(path)] = ("(1, in_features): a feedforward target, its input is scaled" if feedforward
                                  else "(out_features, 1): its output is scaled")

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from ...files import PREFIX
 from ...patterns import PatternError
 from ...registry import Expected
+from ...weights import linear_features
 from .config import VeraConfig
-from .layer import features, vera_layers
+from .layer import vera_layers
 from .targets import base_of, largest_shape, resolved, select_vera_targets
 
 VERA_A, VERA_B = "base_model.vera_A", "base_model.vera_B"
@@ -67,7 +68,7 @@ def expected(model: nn.Module, config: VeraConfig) -> Expected:
     want = Expected()
     r = config.r
     for path, module, kind in targets:
-        _, n_out = features(kind, base_of(module))
+        _, n_out = linear_features(kind, base_of(module))
         key_b, key_d = lambda_keys(path)
         want.required[key_b], want.required[key_d] = (n_out,), (r,)
         want.notes[key_b], want.notes[key_d] = "(out_features,)", f"(r,) with the config's r={r}"

@@ -23,19 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...record import route_forward, wrappers
-from ...weights import adapter_dtype, base_device, get_dense_weight, merge_dtype, set_dense_weight
+from ...weights import adapter_dtype, base_device, get_dense_weight, linear_features, merge_dtype, set_dense_weight
 from .projection import VeraProjections
-
-
-def features(kind: str, base: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a linear-like base, read from its attributes (a 4-bit base is not dequantized)."""
-    if kind == "conv1d":
-        n_in, n_out = base.weight.shape
-    elif hasattr(base, "in_features"):
-        n_in, n_out = base.in_features, base.out_features
-    else:
-        n_out, n_in = get_dense_weight(base).shape
-    return n_in, n_out
 
 
 class VeraLayer(nn.Module):
@@ -53,7 +42,7 @@ class VeraLayer(nn.Module):
         self.training = base.training
         self.kind = kind
         self.path = path  # for error messages
-        self.in_features, self.out_features = features(kind, base)
+        self.in_features, self.out_features = linear_features(kind, base)
         self.projections = projections
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_lambda_d = nn.ParameterDict()

@@ -11,7 +11,8 @@ from ...hf.arch import model_type
 from ...patterns import matcher_for
 from ...targeting import adaptable_kind, own_base, select_targets
 from .config import VeraConfig
-from .layer import VeraLayer, features
+from ...weights import linear_features
+from .layer import VeraLayer
 
 # HF PEFT's VeRA defaults by model_type (peft.utils.TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING; a test
 # compares the two). It belongs with the other per-architecture tables in peftkit.hf.arch; it lives here until
@@ -76,5 +77,5 @@ def base_of(module: nn.Module) -> nn.Module:
 
 def largest_shape(targets: list[tuple[str, nn.Module, str]]) -> tuple[int, int]:
     """(max in_features, max out_features) over the targets: vera_A is (r, max in), vera_B (max out, r)."""
-    sizes = [features(kind, base_of(module)) for _, module, kind in targets]
+    sizes = [linear_features(kind, base_of(module)) for _, module, kind in targets]
     return max(n_in for n_in, _ in sizes), max(n_out for _, n_out in sizes)
