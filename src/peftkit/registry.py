@@ -104,6 +104,10 @@ class Method(Protocol):
     def load_trainer_state(self, model: nn.Module, names: list[str], state: dict[str, Any]) -> None:
         """Put `trainer_state`'s dict back when a run resumes."""
 
+    # Optional, read through `allocated_ranks` below: a method that chooses its own per-layer ranks while training
+    def allocated_ranks(self, config: Any) -> dict[str, int]:
+        """Module path -> the rank training left it, from a saved config ({} when nothing was reallocated)."""
+
 
 _BY_TYPE: dict[str, Method] = {}
 _BY_TRAIN_NAME: dict[str, Method] = {}
@@ -150,6 +154,13 @@ def for_config(config: Any) -> Method:
         known = ", ".join(m.config_class.__name__ for m in _BY_TYPE.values())
         raise TypeError(f"inject expects an adapter config ({known}), got {type(config).__name__}")
     return method
+
+
+def allocated_ranks(config: Any) -> dict[str, int]:
+    """The per-module ranks a method allocated during training, as its saved config records them; {} for a
+    method with fixed ranks (it has no `allocated_ranks` hook) or before any reallocation."""
+    hook = getattr(for_config(config), "allocated_ranks", None)
+    return dict(hook(config)) if hook is not None else {}
 
 
 def config_from_peft_dict(data: dict[str, Any]) -> Any:

@@ -95,9 +95,34 @@ def lora_spectra(adapter_dir: str | Path) -> dict:
     return out
 
 
+def allocated_ranks(ranked: list[dict]) -> dict | None:
+    """The per-module ranks that a rank-allocating method (AdaLoRA) left in the best such finished trial's file:
+    per module, their median, smallest, largest and sum; None when no finished trial allocated ranks."""
+    from ..checkpoint import read_adapter
+    from ..registry import allocated_ranks as ranks_of
+
+    for t in ranked:  # best first
+        if t["status"] != "ok" or not t.get("adapter_dir"):
+            continue
+        per_module = ranks_of(read_adapter(t["adapter_dir"])[0])
+        if per_module:
+            values = list(per_module.values())
+            return {"from": t["name"], "steps": t.get("steps"), "modules": len(values),
+                    "median_rank": math.ceil(statistics.median(values)), "min_rank": min(values),
+                    "max_rank": max(values), "total_rank": sum(values), "per_module": per_module}
+    return None
+
+
 def suggest_rank(ranked: list[dict], swept_ranks: tuple[int, ...], energy: float = 0.9) -> dict:
     """From the highest-rank LoRA-family trial: per module, the fewest directions holding `energy` of the
-    update's spectral energy; their median over modules, and the smallest swept rank that holds it."""
+    update's spectral energy; their median over modules, and the smallest swept rank that holds it. Where a
+    trial of a rank-allocating method finished (AdaLoRA), its final per-module ranks too ("allocated")."""
+    allocated = allocated_ranks(ranked)
+    found = _spectral_suggestion(ranked, swept_ranks, energy)
+    return {**found, "allocated": allocated} if allocated else found
+
+
+def _spectral_suggestion(ranked: list[dict], swept_ranks: tuple[int, ...], energy: float) -> dict:
     runs = [t for t in ranked if t["status"] == "ok" and t.get("r") and t.get("adapter_dir")]
     if not runs:
         return {"from": None, "note": "no LoRA-family trial finished, so there is no update to measure"}
@@ -200,13 +225,19 @@ def recommendation_text(record: dict) -> str:
 def rank_suggestion_text(sug: dict | None) -> str | None:
     if sug is None:
         return None
+    alloc = sug.get("allocated")
+    allocated = ("" if not alloc else
+                 f" {alloc['from']} allocated ranks {alloc['min_rank']}-{alloc['max_rank']} (median "
+                 f"{alloc['median_rank']}, {alloc['total_rank']} in all over {alloc['modules']} modules) after "
+                 f"{alloc['steps']} steps; sweep.json lists them per module.")
     if "median_rank" not in sug:
-        return f"Rank suggestion: none; {sug['note']}."
+        return f"Rank suggestion: none; {sug['note']}.{allocated}"
     swept = (f"; the smallest swept rank that holds it is r={sug['smallest_swept_rank']}"
              if sug["smallest_swept_rank"] else "")
     return (f"Rank suggestion: {100 * sug['energy']:.0f}% of the trained update's spectral energy lies in its top "
             f"{sug['median_rank']} directions (median over {sug['modules']} modules of {sug['from']} after "
-            f"{sug['steps']} steps){swept}. A short run's update is often more concentrated than a long one's.")
+            f"{sug['steps']} steps){swept}. A short run's update is often more concentrated than a long one's."
+            + allocated)
 
 
 def next_command(record: dict) -> str | None:

@@ -49,6 +49,10 @@ class AdaLoraMethod:
             if layer is not module:
                 replace_module(model, path, layer)
 
+    def allocated_ranks(self, config: AdaLoraConfig) -> dict[str, int]:
+        """The ranks the budget allocator left each module (the file's rank_pattern)."""
+        return config.final_ranks()
+
     def extra_trainable(self, model: nn.Module, name: str, config: AdaLoraConfig) -> list[nn.Parameter]:
         return []
 
