@@ -28,16 +28,33 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Ten
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default",
-                 tensors: dict[str, Tensor] | None = None) -> Path:
+                 tensors: dict[str, Tensor] | None = None,
+                 initial_adapter: str | os.PathLike | None = None) -> Path:
     """Write adapter `name` to `directory` in HF PEFT's format (loadable by PeftModel.from_pretrained).
 
     `tensors` (adapter_state_dict's keys) replaces the model's own values: a sharded (FSDP) run gathers
-    them on every process first and passes the full tensors to the one process that writes."""
+    them on every process first and passes the full tensors to the one process that writes.
+
+    `initial_adapter`: the same adapter as saved right after inject, before training (HF PEFT's
+    `path_initial_model_for_weight_conversion`). For an initialisation that moved part of the base into the
+    adapter (LoRA's init_lora_weights="pissa"), the file written is then a plain LoRA of twice the rank that
+    gives the trained outputs on the original, untouched base."""
     require_adapter(model, name)
     config = configs(model)[name]
     method = for_config(config)
     state = method.state_dict(model, name, config) if tensors is None else tensors
-    return write_adapter(directory, state, method.file_config(model, name, config), method.file_key_prefix)
+    file_config = method.file_config(model, name, config)
+    if initial_adapter is not None:
+        convert = getattr(method, "convert_from_initial", None)
+        if convert is None:
+            raise ValueError(f"initial_adapter= converts an adapter whose initialisation changed the base; "
+                             f"{config.peft_type} adapters never do, so save without it")
+        initial, initial_tensors = read_adapter(initial_adapter)
+        if initial.peft_type != config.peft_type:
+            raise ValueError(f"initial_adapter {str(initial_adapter)!r} is a {initial.peft_type} adapter, this one "
+                             f"is {config.peft_type}: pass the file saved right after inject")
+        state, file_config = convert(state, file_config, initial, initial_tensors)
+    return write_adapter(directory, state, file_config, method.file_key_prefix)
 
 
 def read_adapter(directory: str | os.PathLike, name: str = "default",

@@ -14,6 +14,7 @@ from ...registry import Expected
 from ...targeting import adaptable_kind, select_targets, target_spec
 from . import io, plan
 from .config import LoraConfig
+from .convert import to_plain_lora
 from .fused import real_rows
 from .layer import LoraLayer
 from .mlp import fused_mlps
@@ -83,6 +84,11 @@ class LoraMethod:
         if config.base_model_name_or_path is None:
             extra["base_model_name_or_path"] = hf.name_or_path(model)
         return config.replace(**extra).to_peft_dict()
+
+    def convert_from_initial(self, state: dict[str, Tensor], file_config: dict[str, Any], initial: LoraConfig,
+                             initial_tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """PiSSA to a plain rank-2r LoRA file for the untouched base (convert.py)."""
+        return to_plain_lora(state, file_config, initial, initial_tensors)
 
     def training_kernels(self, model: nn.Module, keep: Tensor | None) -> AbstractContextManager:
         """Padding-free fused LoRA linears and fused LoRA SwiGLU MLPs (fused.py, mlp.py)."""
