@@ -37,6 +37,19 @@ from .request import EngineClosed, GenRequest, Handle, QueueFull, request_proble
 __all__ = ["Engine", "EngineClosed", "GenRequest", "Handle", "QueueFull", "sample"]
 
 
+def refuse_unverified(model: nn.Module) -> None:
+    """A ValueError for a transformers model whose architecture the serving parity test does not verify (the
+    engine's batching would risk answers that differ from the model's own); other modules are served as they are."""
+    kind = hf.model_type(model)
+    if kind is None or "serve" in hf.verified_features(model):
+        return
+    why = hf.SERVE_UNVERIFIED.get(kind, "no test has checked that batched answers equal the model's own")
+    served = sorted(t for t, f in hf.VERIFIED.items() if "serve" in f)
+    raise ValueError(f"serving is not verified for architecture {kind!r}: {why}. Verified: {', '.join(served)}. "
+                     "Use `peftkit generate` for it, or merge the adapter (`peftkit merge`) and serve the merged model "
+                     "with another server")
+
+
 @dataclass
 class _Row:
     handle: Handle
@@ -61,6 +74,7 @@ class Engine:
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk (--prefill-chunk) must be a positive number of tokens, or None (0 on the "
                              f"command line) for whole prompts; got {prefill_chunk!r}")
+        refuse_unverified(model)
         self.model = model.eval()
         self.registry = registry
         self.bank = registry.bank
