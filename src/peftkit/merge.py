@@ -63,6 +63,10 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
     # so the merged weight equals the forward only in that order (for plain LoRA the order is moot).
     names = sorted(names, key=lambda n: active.index(n) if n in active else len(active))
     layers = list(mergeable_layers(model))
+    cannot = [f"{path} (adapter {name!r}): {why}" for path, layer in layers for name in names
+              if name in layer.adapter_names() and (why := getattr(layer, "merge_problem", lambda _: None)(name))]
+    if cannot:  # a layer that cannot take the merge (a grouped convolution) refuses before any weight changes
+        raise ValueError("merge refused, no weight was changed: " + "; ".join(cannot))
     if safe:
         bad = []
         for path, layer in layers:

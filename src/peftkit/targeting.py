@@ -32,8 +32,10 @@ def as_tuple(value: Any) -> tuple | None:
 
 
 def adaptable_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1d' or 'embedding' for the module types LoRA can wrap (or already wraps), else None.
-    A base layer of another kind (a quantized linear) says so with a `peftkit_linear_like` attribute."""
+    """'linear', 'conv1d' (transformers' Conv1D), 'embedding', 'conv' (torch's nn.Conv1d/2d/3d) or 'mha'
+    (nn.MultiheadAttention) for the module types an adapter may wrap (or a wrapper's own kind), else None; each
+    method takes the kinds it supports from these. A base layer of another kind (a quantized linear) says so with
+    a `peftkit_linear_like` attribute."""
     if getattr(module, "peftkit_kind", None):
         return module.peftkit_kind
     if is_conv1d(module):
@@ -42,6 +44,10 @@ def adaptable_kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
     return None
 
 
@@ -110,7 +116,7 @@ def default_targets(model: nn.Module) -> tuple[str, ...] | str:
 def _sample_names(model: nn.Module, linear_only: bool = False, limit: int = 8) -> list[str]:
     seen: list[str] = []
     for name, module in named_modules_outside_wrappers(model):
-        if (linear_only and adaptable_kind(module) is None):
+        if (linear_only and not is_linear_like(module)):
             continue
         short = name.split(".")[-1]
         if short not in seen:
@@ -158,7 +164,8 @@ def select_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
     if unsupported:
         raise ValueError(
             f"target_modules {targets!r} matched modules {config.peft_type} cannot wrap: {', '.join(unsupported)}. "
-            "Supported: nn.Linear, transformers' Conv1D, nn.Embedding; narrow the patterns to those."
+            "Supported at most: nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention "
+            "(each method names the ones it takes); narrow the patterns to those."
         )
     if not selected:
         raise ValueError(

@@ -40,6 +40,11 @@ def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "
     if merged_adapters(model):
         raise RuntimeError("combine needs unmerged adapters; call peftkit.unmerge(model) first")
     layers = [(p, l) for p, l in lora_layers(model) if any(s in l.lora_A for s in weights)]
+    # an attention's out_proj layer (not a holder of its own) or a grouped convolution: not a plain sum of B @ A
+    odd = [p for p, l in layers if not l.peftkit_holder or (l.peftkit_kind == "conv" and l.base.groups > 1)]
+    if odd:
+        raise ValueError(f"combine works on linear, embedding and ungrouped convolution layers; the adapters sit on "
+                         f"{odd} (nn.MultiheadAttention, grouped convolutions): combine adapters without them")
     max_rank = {s: max(l.lora_A[s].shape[0] for _, l in layers if s in l.lora_A) for s in weights}
     if how == "cat":
         new_rank = sum(max_rank.values())
@@ -81,11 +86,12 @@ def _combined_factors(layer, weights: dict[str, float], how: str, rank: int,
                 B[:, offset:offset + r] = layer.lora_B[s]
             offset += max_rank[s]
         return A, B
-    delta = sum(weights[s] * layer.scaling[s] * (layer.lora_B[s] @ layer.lora_A[s]) for s in present)  # (out, in)
+    delta = sum(weights[s] * layer.scaling[s] * (layer.lora_B[s].flatten(1) @ layer.lora_A[s].flatten(1))
+                for s in present)  # (out, in); a convolution's (out, in * prod(kernel))
     U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
     k = min(rank, S.shape[0])
     A = torch.zeros(a_shape, dtype=dtype, device=device)
     B = torch.zeros(b_shape, dtype=dtype, device=device)
-    A[:k] = Vh[:k].to(dtype)
-    B[:, :k] = (U[:, :k] * S[:k]).to(dtype)
+    A[:k] = Vh[:k].reshape(k, *a_shape[1:]).to(dtype)
+    B[:, :k] = (U[:, :k] * S[:k]).reshape(b_shape[0], k, *b_shape[2:]).to(dtype)
     return A, B

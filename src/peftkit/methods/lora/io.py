@@ -2,7 +2,10 @@
 
 Keys: `<module path>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]); for embeddings
 `.lora_embedding_A` ([r, num_embeddings]) and `.lora_embedding_B` ([dim, r]); DoRA's magnitude as
-`.lora_magnitude_vector` ([out], no `.weight` suffix, as PEFT writes it); a modules_to_save copy under the
+`.lora_magnitude_vector` ([out], no `.weight` suffix, as PEFT writes it); torch convolutions' A and B as
+[r, in, *kernel] and [out, r / groups, 1, ...], their magnitude as [1, out, 1, ...] (conv.py); an
+nn.MultiheadAttention's in_proj factors under its own path, its out_proj's under `.base_layer.out_proj`
+(mha.py); a modules_to_save copy under the
 module's own path; biases of wrapped layers under `.base_layer.bias`. The adapter's name is not in the file,
 and the `base_model.model.` prefix is added and stripped by `peftkit.files`.
 """
@@ -15,6 +18,7 @@ from torch import Tensor, nn
 from ...record import wrappers
 from ...registry import Expected
 from ...targeting import adaptable_kind, named_modules_outside_wrappers, select_targets
+from . import conv, mha
 from .config import LoraConfig
 from .layer import LoraLayer
 from .weights import factor_shapes
@@ -57,9 +61,12 @@ def state_dict(model: nn.Module, name: str, config: LoraConfig) -> dict[str, Ten
             key_a, key_b = factor_keys(path, w.peftkit_kind)
             out[key_a], out[key_b] = w.lora_A[name], w.lora_B[name]
             if name in w.lora_magnitude_vector:
-                out[f"{path}.{MAGNITUDE}"] = w.lora_magnitude_vector[name]
+                m = w.lora_magnitude_vector[name]
+                out[f"{path}.{MAGNITUDE}"] = m.reshape(conv.magnitude_shape(w.base)) if w.peftkit_kind == "conv" else m
             if config.bias == "lora_only" and getattr(w.base, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = w.base.bias
+        elif isinstance(w, mha.LoraMhaLayer) and name in w.lora_A:
+            out.update(mha.file_tensors(path, w, name))
         elif isinstance(w, SavedCopy) and name in w.copies:
             out.update({f"{path}.{k}": v for k, v in w.copies[name].state_dict().items()})
     if config.bias == "all":
@@ -78,12 +85,15 @@ def expected(model: nn.Module, config: LoraConfig) -> Expected:
         targets, want.problems = [], [str(err)]
     for path, module in targets:
         kind = adaptable_kind(module)
-        base = module.base if isinstance(module, LoraLayer) else module
+        base = module.base if isinstance(module, (LoraLayer, mha.LoraMhaLayer)) else module
+        if kind == "mha":
+            want.required.update(mha.file_shapes(path, base, config.rank_for(path)))
+            continue  # its base parameters are not in PEFT's files
         a_shape, b_shape = factor_shapes(kind, base, config.rank_for(path))
         key_a, key_b = factor_keys(path, kind)
         want.required[key_a], want.required[key_b] = a_shape, b_shape
         if config.use_dora:
-            want.required[f"{path}.{MAGNITUDE}"] = (b_shape[0],)
+            want.required[f"{path}.{MAGNITUDE}"] = conv.magnitude_shape(base) if kind == "conv" else (b_shape[0],)
         for pname, p in base.named_parameters(recurse=False):
             want.optional[f"{path}.base_layer.{pname}"] = tuple(p.shape)  # PEFT saves embedding weights, biases
     try:
@@ -112,7 +122,10 @@ def load_tensors(model: nn.Module, name: str, tensors: dict[str, Tensor], want: 
             w.lora_A[name].copy_(tensors[key_a])
             w.lora_B[name].copy_(tensors[key_b])
             if name in w.lora_magnitude_vector:
-                w.lora_magnitude_vector[name].copy_(tensors[f"{path}.{MAGNITUDE}"])
+                w.lora_magnitude_vector[name].copy_(tensors[f"{path}.{MAGNITUDE}"].reshape(-1))
+        elif isinstance(w, mha.LoraMhaLayer) and name in w.lora_A:
+            for param, key in zip(w.adapter_parameters(name), mha.file_tensors(path, w, name)):
+                param.copy_(tensors[key])
         elif isinstance(w, SavedCopy) and name in w.copies:
             w.copies[name].load_state_dict({k[len(path) + 1:]: v for k, v in tensors.items()
                                             if k.startswith(path + ".")})

@@ -1,6 +1,6 @@
 """The LoRA layer: a frozen base module plus, per named adapter, low-rank factors A (r x in), B (out x r).
 
-    y = base(x) + scaling * B(A(dropout(x)))          linear / Conv1D
+    y = base(x) + scaling * B(A(dropout(x)))          linear / Conv1D; nn.Conv1d/2d/3d with A, B convolutions (conv.py)
     y = base(ids) + scaling * B(A[:, ids])            embedding (A is r x num_embeddings)
     y = f * (base(x) - b + scaling * B(A(x))) + b     DoRA, f = m / ||W + scaling * B A|| (see dora.py)
 
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ...record import route_forward
 from ...weights import (WeightAccess, adapter_dtype, base_device, compute_dtype, get_dense_weight, merge_dtype,
                         set_dense_weight)
+from . import conv
 from .fused import LoraLinearFunction, fusable, rows_for
 from .dora import merged_weight as dora_merged_weight
 from .dora import output_delta, unmerged_weight, weight_norm
@@ -28,7 +29,8 @@ from .weights import factor_shapes
 
 
 class LoraLayer(nn.Module):
-    """Wraps one linear, Conv1D or embedding module; holds any number of named adapters."""
+    """Wraps one linear, Conv1D, embedding or torch convolution ("conv") module; holds any number of named
+    adapters."""
 
     peftkit_wrapper = True
     peftkit_peft_type = "LORA"  # the method whose wrapper this is (targeting judges its own by their base)
@@ -36,7 +38,7 @@ class LoraLayer(nn.Module):
 
     def __init__(self, base: nn.Module, kind: str) -> None:
         super().__init__()
-        if kind not in ("linear", "conv1d", "embedding"):
+        if kind not in ("linear", "conv1d", "embedding", "conv"):
             raise ValueError(f"LoraLayer cannot wrap a module of kind {kind!r}")
         self.base = base
         self.training = base.training  # wrapping a module of a model in eval() must not switch dropout on
@@ -70,7 +72,7 @@ class LoraLayer(nn.Module):
         if name == "base" and "lora_A" in self._modules:  # a replaced base (e.g. dequantized) must be the one called
             self._refresh()
 
-    def factor_shapes(self, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return factor_shapes(self.peftkit_kind, self.base, r)
 
     # --- adapters ---------------------------------------------------------------------------------
@@ -125,8 +127,9 @@ class LoraLayer(nn.Module):
             self.lora_magnitude_vector[name].copy_(norm)
 
     def _pissa_init(self, name: str) -> None:
-        if self.peftkit_kind == "embedding":
-            raise ValueError("init_lora_weights='pissa' applies to linear layers, not embeddings; exclude them")
+        if self.peftkit_kind in ("embedding", "conv"):
+            raise ValueError(f"init_lora_weights='pissa' applies to linear layers, not to {self.peftkit_kind} layers; "
+                             "exclude them")
         r, s = self.lora_A[name].shape[0], self.scaling[name]
         W = self._as_out_in(get_dense_weight(self.base)).float()  # (out, in)
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -174,13 +177,20 @@ class LoraLayer(nn.Module):
 
     # --- weights ----------------------------------------------------------------------------------
     def _as_out_in(self, w: Tensor) -> Tensor:
+        if self.peftkit_kind == "conv":
+            return w.reshape(w.shape[0], -1)  # (out, in / groups * prod(kernel))
         return w if self.peftkit_kind == "linear" else w.T
 
     def _from_out_in(self, w: Tensor) -> Tensor:
+        if self.peftkit_kind == "conv":
+            return w.reshape(self.base.weight.shape)
         return w if self.peftkit_kind == "linear" else w.T
 
     def _delta_out_in(self, name: str) -> Tensor:
-        return (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]  # (out, in)
+        problem = conv.merge_problem(self.base) if self.peftkit_kind == "conv" else None
+        if problem:
+            raise ValueError(problem)
+        return (self.lora_B[name].flatten(1) @ self.lora_A[name].flatten(1)) * self.scaling[name]  # (out, in)
 
     def delta_weight(self, name: str) -> Tensor:
         """scaling * B @ A in the base weight's own layout ((out, in); (in, out) for Conv1D;
@@ -222,6 +232,10 @@ class LoraLayer(nn.Module):
         W64 = self._as_out_in(W).to(merge_dtype(W))
         merged = dora_merged_weight(W64, self._delta_out_in(name).to(W64.dtype), factor.to(W64.dtype))
         return self._from_out_in(merged).to(W.dtype), factor
+
+    def merge_problem(self, name: str) -> str | None:
+        """Why adapter `name` cannot be merged into this layer's weight (a grouped convolution), or None."""
+        return conv.merge_problem(self.base) if self.peftkit_kind == "conv" else None
 
     @torch.no_grad()
     def merged_weight(self, name: str) -> Tensor:
@@ -276,10 +290,25 @@ class LoraLayer(nn.Module):
         p = self.dropout[name]
         if drop and p > 0.0 and self.training:
             x = F.dropout(x, p=p, training=True)
+        if self.peftkit_kind == "conv":
+            return conv.down(self.base, A, x)  # (N, r, *spatial)
         return x.to(A.dtype) @ A.T  # (B, T, r)
+
+    def _lora_out(self, x: Tensor, name: str, drop: bool = True) -> Tensor:
+        """B(A(x)) for input x, unscaled: (B, T, out), or (N, out, *spatial) for a convolution."""
+        h = self._hidden(x, name, drop)
+        if self.peftkit_kind == "conv":
+            return conv.up(self.base, self.lora_B[name], h)  # (N, out, *spatial)
+        return h @ self.lora_B[name].T  # (B, T, out)
+
+    def _per_channel(self, v: Tensor) -> Tensor:
+        """A per-output-feature vector (out,) shaped to broadcast over this layer's output."""
+        return conv.per_channel(self.base, v) if self.peftkit_kind == "conv" else v
 
     def _add_lora(self, out: Tensor, x: Tensor, name: str) -> Tensor:
         """out + scaling * B(A(x)), with the scale fused into one addmm; in place when nothing needs grad."""
+        if self.peftkit_kind == "conv":
+            return out + self._lora_out(x, name).to(out.dtype) * self.scaling[name]  # (N, out, *spatial)
         h = self._hidden(x, name)  # (B, T, r)
         B = self.lora_B[name].to(out.dtype)
         out2d = out.reshape(-1, out.shape[-1])  # (B*T, out)
@@ -316,13 +345,14 @@ class LoraLayer(nn.Module):
         p = self.dropout[name]
         if self.peftkit_kind != "embedding" and p > 0.0 and self.training:
             x = F.dropout(x, p=p, training=True)
-            W = self._as_out_in(get_dense_weight(self.base))
-            base_out = F.linear(x.to(out.dtype), W.to(out.dtype))  # (B, T, out), no bias
+            W = get_dense_weight(self.base).to(out.dtype)
+            base_out = (conv.apply_weight(self.base, x.to(out.dtype), W) if self.peftkit_kind == "conv"
+                        else F.linear(x.to(out.dtype), self._as_out_in(W)))  # (B, T, out), no bias
         else:
             bias = getattr(self.base, "bias", None)
-            base_out = out if bias is None else out - bias.to(out.dtype)  # (B, T, out)
-        lora_out = self._hidden(x, name, drop=False) @ self.lora_B[name].T  # (B, T, out)
-        return output_delta(base_out, lora_out, self._dora_factor(name), self.scaling[name])
+            base_out = out if bias is None else out - self._per_channel(bias).to(out.dtype)  # (B, T, out)
+        lora_out = self._lora_out(x, name, drop=False)  # (B, T, out)
+        return output_delta(base_out, lora_out, self._per_channel(self._dora_factor(name)), self.scaling[name])
 
     def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
         """One batch whose row i uses adapter row_adapters[i] (None: the base alone)."""
@@ -336,7 +366,7 @@ class LoraLayer(nn.Module):
             if name in self.lora_magnitude_vector:
                 delta = self._dora_delta(out.index_select(0, idx), x.index_select(0, idx), name)
             else:
-                delta = (self._hidden(x.index_select(0, idx), name) @ self.lora_B[name].T) * self.scaling[name]
+                delta = self._lora_out(x.index_select(0, idx), name) * self.scaling[name]
             out = out.index_add(0, idx, delta.to(out.dtype))
         return out
 

@@ -16,14 +16,16 @@ from . import io, plan
 from .config import LoraConfig
 from .convert import to_plain_lora
 from .fused import real_rows
+from .fit import target_problems
 from .layer import LoraLayer
+from .mha import LoraMhaLayer
 from .mlp import fused_mlps
 from .saved_copy import SavedCopy
 
 
 class LoraMethod:
-    """peft_type LORA: low-rank factors beside frozen linear, Conv1D and embedding layers (DoRA with
-    use_dora=True; QLoRA is LoRA over an NF4 base, chosen at model load)."""
+    """peft_type LORA: low-rank factors beside frozen linear, Conv1D, embedding, torch convolution and
+    nn.MultiheadAttention layers (DoRA with use_dora=True; QLoRA is LoRA over an NF4 base, chosen at model load)."""
 
     peft_type = "LORA"
     config_class = LoraConfig
@@ -42,10 +44,12 @@ class LoraMethod:
     def inject(self, model: nn.Module, config: LoraConfig, name: str, init: bool) -> None:
         targets = select_targets(model, config)  # raises before anything changes
         copies = io.saved_copy_targets(model, config)
-        if config.init_lora_weights == "pissa" and any(adaptable_kind(m) == "embedding" for _, m in targets):
-            raise ValueError("init_lora_weights='pissa' applies to linear layers only; exclude the embeddings")
+        problems = target_problems(model, targets, config)
+        if problems:
+            raise ValueError("LoRA cannot adapt these modules with this config:\n  " + "\n  ".join(problems))
         for path, module in targets:
-            layer = module if isinstance(module, LoraLayer) else LoraLayer(module, adaptable_kind(module))
+            layer = module if isinstance(module, (LoraLayer, LoraMhaLayer)) else (
+                LoraMhaLayer(module) if adaptable_kind(module) == "mha" else LoraLayer(module, adaptable_kind(module)))
             layer.add_adapter(
                 name, r=config.rank_for(path), scaling=config.scaling_for(path), dropout=config.lora_dropout,
                 init=config.init_lora_weights if init or rebuilds_base(config) else True, dora=config.use_dora,
