@@ -13,8 +13,8 @@ of that type; "table" means peftkit has an entry (defaults, fused class) that is
                                      (linear, SwiGLU)  head loss              defaults    defaults  (batching engine)
     llama       verified   verified  verified          verified  verified     verified    verified  verified
     gpt2        verified   -         verified          verified  verified     verified    verified  verified
-    gemma2      verified   -         verified          verified  unsupported  -           -         refused
-                                                      (soft-cap)
+    gemma2      verified   -         verified          verified  verified     -           -         refused
+                                                      (soft-cap)  (also gemma3_text: sliding-window layers)
     mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma, gemma3_text, phi, phi3, olmo2, stablelm, starcoder2,
     smollm3, glm, gpt_neox, gptj, opt, bloom, falcon: LoRA training with every fast path (parity matrix);
     serving verified (tests/serve/test_serve_arch_parity.py) except opt, bloom (refused: arch.SERVE_UNVERIFIED)

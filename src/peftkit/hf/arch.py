@@ -33,6 +33,9 @@ VERIFIED: dict[str, frozenset[str]] = {
     **{t: TRAINING_FAST_PATHS | ({"serve"} if t not in SERVE_UNVERIFIED else set()) for t in PARITY_TYPES},
     **{t: TRAINING_FAST_PATHS - {"head_loss"} | {"serve"} for t in SCALED_HEAD_TYPES},
     "llama": frozenset(FEATURES),
+    # prefix tuning through sliding-window layers: tests/test_prefix_arch.py (forward equals PEFT's exactly)
+    **{t: TRAINING_FAST_PATHS | {"prefix"} | ({"serve"} if t not in SERVE_UNVERIFIED else set())
+       for t in ("gemma2", "gemma3_text")},
     "gpt2": TRAINING_FAST_PATHS | {"dora", "prefix", "bottleneck", "ia3", "serve"},
 }
 
@@ -98,7 +101,7 @@ IA3_DEFAULT_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # --- prefix tuning: architectures whose cache PEFT builds specially (hybrid/sliding caches, shared-KV layers,
 # fused KV) or that have no per-layer attention cache at all: a plain DynamicCache prefix would be wrong or ignored.
 PREFIX_UNSUPPORTED_TYPES = frozenset({
-    "gemma2", "gemma3", "gemma3_text", "gemma4", "gemma4_text", "bloom", "gpt_bigcode", "mamba", "mamba2",
+    "gemma3", "gemma4", "gemma4_text", "bloom", "gpt_bigcode", "mamba", "mamba2",
     "falcon_mamba", "rwkv", "recurrent_gemma", "jamba", "zamba", "zamba2", "qwen3_next", "lfm2", "cohere2", "t5",
     "bart"})
 
