@@ -51,6 +51,45 @@ def route_forward(wrapper: nn.Module, idle: bool) -> None:
         wrapper.__dict__.pop("forward", None)
 
 
+class RoutedHolder:
+    """The bookkeeping that every wrapping holder shares, as a mixin: which adapters are active, whether they
+    are disabled or routed per row, which are merged; `pending` (active here, not merged) is what forward adds,
+    and with nothing to add calls go straight to the base (`route_forward`). A holder using it sets `active`,
+    `disabled`, `row_adapters` (and `merged` where it merges) in __init__ and defines `adapter_names()` and
+    `_drop(name)` (remove the adapter's own tensors); `_order` and `_idle` may be overridden."""
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        self.active = tuple(names)
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self._refresh()
+
+    def set_rows(self, rows: list[str | None] | None) -> None:
+        self.row_adapters = rows
+        self._refresh()
+
+    def _order(self, pending: list[str]) -> tuple[str, ...]:
+        """The order forward applies the pending adapters in (the activation order)."""
+        return tuple(pending)
+
+    def _idle(self) -> bool:
+        """True when forward has nothing to add: calls then go straight to the base."""
+        return (self.disabled or not self.pending) and self.row_adapters is None
+
+    def _refresh(self) -> None:
+        here, merged = set(self.adapter_names()), getattr(self, "merged", ())
+        self.pending = self._order([n for n in self.active if n in here and n not in merged])
+        route_forward(self, self._idle())
+
+    def delete_adapter(self, name: str) -> None:
+        if name in getattr(self, "merged", ()):
+            raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
+        self._drop(name)
+        self.set_active(tuple(n for n in self.active if n != name))
+
+
 def configs(model: nn.Module) -> dict[str, AdapterConfig]:
     """The configs of the adapters in this model, by adapter name (empty if none)."""
     return model.__dict__.setdefault("peftkit_configs", {})

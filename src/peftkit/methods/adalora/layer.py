@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...record import route_forward, wrappers
+from ...record import RoutedHolder, wrappers
 from ...weights import adapter_dtype, base_device, get_dense_weight, linear_features, set_dense_weight
 
 EPS = 1e-5  # PEFT adds it to ranknum (a layer pruned to rank 0 divides by it)
 
 
-class AdaLoraLayer(nn.Module):
+class AdaLoraLayer(RoutedHolder, nn.Module):
     """Wraps one linear-like module (kind 'linear' or 'conv1d'); holds any number of named SVD adapters."""
 
     peftkit_wrapper = True
@@ -93,30 +93,11 @@ class AdaLoraLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self.active = tuple(names)
-        self._refresh()
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self._refresh()
-
-    def set_rows(self, rows: list[str | None] | None) -> None:
-        self.row_adapters = rows
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self.pending = tuple(n for n in self.active if n in self.lora_A and n not in self.merged)
-        route_forward(self, (self.disabled or not self.pending) and self.row_adapters is None)
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
+    def _drop(self, name: str) -> None:
         for store in (self.lora_A, self.lora_E, self.lora_B):
             del store[name]
         for store in (self.ranknum, self.scaling, self.dropout, self.scores):
             store.pop(name, None)
-        self.set_active(tuple(n for n in self.active if n != name))
 
     def unwrap(self, keep_copy_of: str | None = None) -> nn.Module:
         """The module to put back when the wrapper goes (merged adapters stay in its weights)."""

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ...record import route_forward
+from ...record import RoutedHolder
 from .config import NON_LINEARITIES
 
 MERGE_REFUSAL = ("bottleneck adapters {names} cannot be merged into the base weights: the non-linearity between "
@@ -64,7 +64,7 @@ def _param_like(base: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-class BottleneckLayer(nn.Module):
+class BottleneckLayer(RoutedHolder, nn.Module):
     """Wraps one module; holds any number of named bottleneck adapters applied to its output."""
 
     peftkit_wrapper = True
@@ -101,25 +101,8 @@ class BottleneckLayer(nn.Module):
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.bottleneck[name].parameters())
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self.active = tuple(names)
-        self._refresh()
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self._refresh()
-
-    def set_rows(self, rows: list[str | None] | None) -> None:
-        self.row_adapters = rows
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self.pending = tuple(n for n in self.active if n in self.bottleneck)
-        route_forward(self, (self.disabled or not self.pending) and self.row_adapters is None)
-
-    def delete_adapter(self, name: str) -> None:
+    def _drop(self, name: str) -> None:
         del self.bottleneck[name]
-        self.set_active(tuple(n for n in self.active if n != name))
 
     def adapter_names(self) -> list[str]:
         return list(self.bottleneck.keys())

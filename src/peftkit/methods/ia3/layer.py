@@ -21,11 +21,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from ...record import route_forward, wrappers
+from ...record import RoutedHolder, wrappers
 from ...weights import adapter_dtype, base_device, get_dense_weight, linear_features, merge_dtype, set_dense_weight
 
 
-class IA3Layer(nn.Module):
+class IA3Layer(RoutedHolder, nn.Module):
     """Wraps one linear-like module (kind 'linear' or 'conv1d'); holds any number of named IA3 vectors."""
 
     peftkit_wrapper = True
@@ -81,28 +81,9 @@ class IA3Layer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.ia3_l.keys())
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self.active = tuple(names)
-        self._refresh()
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self._refresh()
-
-    def set_rows(self, rows: list[str | None] | None) -> None:
-        self.row_adapters = rows
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self.pending = tuple(n for n in self.active if n in self.ia3_l and n not in self.merged)
-        route_forward(self, (self.disabled or not self.pending) and self.row_adapters is None)
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
+    def _drop(self, name: str) -> None:
         del self.ia3_l[name]
         self.feedforward.pop(name)
-        self.set_active(tuple(n for n in self.active if n != name))
 
     def unwrap(self, keep_copy_of: str | None = None) -> nn.Module:
         """The module to put back when the wrapper goes (merged adapters stay in its weights)."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...record import route_forward, wrappers
+from ...record import RoutedHolder, wrappers
 from ...weights import adapter_dtype, base_device, get_dense_weight, merge_dtype, set_dense_weight
 from .family import FAMILIES, Family
 from .shapes import geometry
@@ -44,7 +44,7 @@ class AdapterSettings:
         return self.alpha / self.r
 
 
-class LycorisLayer(nn.Module):
+class LycorisLayer(RoutedHolder, nn.Module):
     """Wraps one layer of kind 'linear', 'conv1d' or 'conv2d'; holds any number of named adapters of `family`."""
 
     peftkit_wrapper = True
@@ -112,30 +112,11 @@ class LycorisLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.settings)
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self.active = tuple(names)
-        self._refresh()
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self._refresh()
-
-    def set_rows(self, rows: list[str | None] | None) -> None:
-        self.row_adapters = rows
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self.pending = tuple(n for n in self.active if n in self.settings and n not in self.merged)
-        route_forward(self, (self.disabled or not self.pending) and self.row_adapters is None)
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
+    def _drop(self, name: str) -> None:
         for tname in self.factors(name):
             del getattr(self, tname)[name]
         del self.settings[name]
         self.delta_cache.pop(name, None)
-        self.set_active(tuple(n for n in self.active if n != name))
 
     def unwrap(self, keep_copy_of: str | None = None) -> nn.Module:
         """The module to put back when the wrapper goes (merged adapters stay in its weights)."""

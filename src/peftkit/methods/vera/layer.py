@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...record import route_forward, wrappers
+from ...record import RoutedHolder, wrappers
 from ...weights import adapter_dtype, base_device, get_dense_weight, linear_features, merge_dtype, set_dense_weight
 from .projection import VeraProjections
 
 
-class VeraLayer(nn.Module):
+class VeraLayer(RoutedHolder, nn.Module):
     """Wraps one linear-like module (kind 'linear' or 'conv1d'); holds any number of named VeRA adapters."""
 
     peftkit_wrapper = True
@@ -92,30 +92,11 @@ class VeraLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.vera_lambda_b.keys())
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self.active = tuple(names)
-        self._refresh()
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self._refresh()
-
-    def set_rows(self, rows: list[str | None] | None) -> None:
-        self.row_adapters = rows
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self.pending = tuple(n for n in self.active if n in self.vera_lambda_b and n not in self.merged)
-        route_forward(self, (self.disabled or not self.pending) and self.row_adapters is None)
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
+    def _drop(self, name: str) -> None:
         del self.vera_lambda_b[name]
         del self.vera_lambda_d[name]
         del self.vera_dropout[name]
         self.projections.drop(name)  # shared: the first layer to let go of the adapter drops its pair
-        self.set_active(tuple(n for n in self.active if n != name))
 
     def unwrap(self, keep_copy_of: str | None = None) -> nn.Module:
         """The module to put back when the wrapper goes (merged adapters stay in its weights)."""
