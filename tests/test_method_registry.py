@@ -24,16 +24,16 @@ METHOD_WORDS = {"LORA", "BOTTLENECK", "PREFIX_TUNING", "lora", "dora", "qlora", 
                 "IA3", "ia3", "IA3Config", "IA3Layer", "LOHA", "LOKR", "loha", "lokr", "LoHaConfig", "LoKrConfig",
                 "LycorisLayer", "VERA", "vera", "VeraConfig", "VeraLayer", "ADALORA", "adalora", "AdaLoraConfig",
                 "PROMPT_TUNING", "P_TUNING", "prompt", "ptuning", "ptuning-lstm", "PromptTuningConfig",
-                "PromptEncoderConfig"}
+                "PromptEncoderConfig", "OFT", "oft", "OFTConfig", "OFTLayer"}
 # Defaults, not dispatch: PEFT reads a config without peft_type as LORA, and the planner's default --method.
 ALLOWED = {"registry.py": {"LORA"}, "plan/memory.py": {"lora"}}
 
 
 def test_the_builtin_methods_are_registered_under_peft_types():
     assert registry.peft_types() == ["LORA", "BOTTLENECK", "PREFIX_TUNING", "IA3", "LOHA", "LOKR", "VERA", "ADALORA",
-                                     "PROMPT_TUNING", "P_TUNING"]
+                                     "PROMPT_TUNING", "P_TUNING", "OFT"]
     assert registry.train_names() == ["lora", "qlora", "dora", "bottleneck", "prefix", "ia3", "loha", "lokr", "vera",
-                                      "adalora", "prompt", "ptuning", "ptuning-lstm"]
+                                      "adalora", "prompt", "ptuning", "ptuning-lstm", "oft"]
     assert registry.by_train_name("dora") is registry.by_peft_type("LORA")
     assert registry.nf4_train_names() == ["qlora"]
     for config in (LoraConfig(target_modules=["q"]), BottleneckConfig(), PrefixConfig(), IA3Config()):

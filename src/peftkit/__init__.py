@@ -32,6 +32,7 @@ from .methods.bottleneck import (BottleneckConfig, BottleneckLayer, bottleneck_s
 from .methods.ia3 import IA3Config, IA3Layer
 from .methods.lora import LoraConfig, LoraLayer, WeightAccess, combine
 from .methods.lycoris import LoHaConfig, LoKrConfig, LycorisLayer
+from .methods.oft import OFTConfig
 from .methods.vera import VeraConfig
 from .methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from .methods.prefix import (
@@ -61,5 +62,6 @@ __all__ = [
     "AdaLoraConfig",
     "LoHaConfig", "LoKrConfig", "LycorisLayer",
     "VeraConfig",
+    "OFTConfig",
     "PromptTuningConfig", "PromptEncoderConfig",
 ]

@@ -8,6 +8,7 @@ from .ia3 import METHOD as IA3
 from .lora import METHOD as LORA
 from .lycoris import LOHA_METHOD as LOHA
 from .lycoris import LOKR_METHOD as LOKR
+from .oft import METHOD as OFT
 from .prefix import METHOD as PREFIX
 from .prompt import PROMPT_METHOD as PROMPT
 from .prompt import PTUNING_METHOD as PTUNING
@@ -23,3 +24,4 @@ register(VERA)
 register(ADALORA)
 register(PROMPT)
 register(PTUNING)
+register(OFT)
