@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ...record import route_forward, wrappers
+from ...record import RoutedHolder, wrappers
 from ...weights import adapter_dtype, base_device, get_dense_weight, merge_dtype, set_dense_weight
 from . import rotation as rot
 
@@ -62,7 +62,7 @@ def rotated_width(base: nn.Module, kind: str) -> int:
     return get_dense_weight(base).shape[1]
 
 
-class OFTLayer(nn.Module):
+class OFTLayer(RoutedHolder, nn.Module):
     """Wraps one layer of kind 'linear', 'conv2d' (1x1) or 'embedding'; holds any number of named OFT adapters."""
 
     peftkit_wrapper = True
@@ -126,29 +126,13 @@ class OFTLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.settings)
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self.active = tuple(names)
-        self._refresh()
+    def _order(self, pending: list[str]) -> tuple[str, ...]:
+        """Rotations do not commute: a weight is rotated by the last active adapter first, as merging does."""
+        return tuple(pending if self.kind == "embedding" else reversed(pending))
 
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self._refresh()
-
-    def set_rows(self, rows: list[str | None] | None) -> None:
-        self.row_adapters = rows
-        self._refresh()
-
-    def _refresh(self) -> None:
-        pending = [n for n in self.active if n in self.settings and n not in self.merged]
-        self.pending = tuple(pending if self.kind == "embedding" else reversed(pending))
-        route_forward(self, (self.disabled or not self.pending) and self.row_adapters is None)
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
+    def _drop(self, name: str) -> None:
         del self.oft_R[name]
         del self.settings[name]
-        self.set_active(tuple(n for n in self.active if n != name))
 
     def unwrap(self, keep_copy_of: str | None = None) -> nn.Module:
         """The module to put back when the wrapper goes (merged adapters stay in its weights)."""
