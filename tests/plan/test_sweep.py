@@ -88,10 +88,10 @@ class FakeLab:
     def clock(self) -> float:
         return self.now
 
-    def run(self, c: Candidate, o: opts.TrainOptions, timeout_s: float) -> dict:
+    def run(self, c: Candidate, o: opts.TrainOptions, timeout_s: float, monitor=None) -> dict:
         cost = self.overhead_s + o.max_steps * self.step_s[c.method]
         self.runs.append((c.name, o.max_steps))
-        Path(o.output_dir).mkdir(parents=True)
+        Path(o.output_dir).mkdir(parents=True, exist_ok=True)
         if cost > timeout_s:
             self.now += timeout_s
             return {"status": "failed", "timed_out": True, "wall_s": timeout_s, "error": "stopped: over budget"}

@@ -145,7 +145,8 @@ def _spectral_suggestion(ranked: list[dict], swept_ranks: tuple[int, ...], energ
 
 # --- words and tables ----------------------------------------------------------------------------------------------
 def label(t: dict) -> str:
-    return f"{t['method']} r={t['r']}" if t.get("r") else t["method"]
+    text = f"{t['method']} r={t['r']}" if t.get("r") else t["method"]
+    return text + (f" lr={t['lr']:.1e}" if t.get("lr") is not None else "")  # a TPE trial's own learning rate
 
 
 def memory(mb: float) -> str:
@@ -154,6 +155,8 @@ def memory(mb: float) -> str:
 
 def trial_line(t: dict) -> str:
     """One progress line for a trial that just ended."""
+    if t["status"] == "pruned":
+        return f"{label(t)}: pruned {t['reason']}, after {t.get('wall_s', 0):.0f} s"
     if t["status"] != "ok":
         return f"{label(t)}: FAILED after {t.get('wall_s', 0):.0f} s: {t.get('error')}"
     em = f", exact match {100 * t['exact_match']:.0f}%" if t.get("exact_match") is not None else ""
@@ -175,7 +178,8 @@ def format_table(record: dict) -> str:
             cells += [f"{100 * t['exact_match']:.0f}%" if t.get("exact_match") is not None else "-"] if with_em else []
             cells += [f"{t['step_s']:.2f}", f"{t['peak_memory_mb']:.0f}", "ok"]
         else:
-            why = f"failed: {t.get('error')}" if t["status"] == "failed" else f"skipped ({t['reason']})"
+            why = (f"failed: {t.get('error')}" if t["status"] == "failed" else f"pruned ({t['reason']})"
+                   if t["status"] == "pruned" else f"skipped ({t['reason']})")
             cells = ["-", label(t)] + ["-"] * (len(head) - 3) + [why[:100]]
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head) - 1)]
@@ -245,6 +249,7 @@ def next_command(record: dict) -> str | None:
     from ..train import options as opts
 
     rec, o = record["recommendation"], record["train_options"]
+    o = {**o, "lr": rec.get("lr") or o["lr"]}  # a TPE trial's own learning rate
     if rec["name"] is None:
         return None
     default = opts.build({"data": o["data"]}).to_dict()
