@@ -58,13 +58,13 @@ def _cmd_targets(args: argparse.Namespace) -> int:
         args.target_modules[0] == "all-linear" or args.regex) else args.target_modules
     config = LoraConfig(r=args.rank, target_modules=spec, exclude_modules=args.exclude or None)
     selected = select_targets(model, config)
-    from .methods.lora import factor_shapes
+    from .methods.lora import factor_shapes, parameter_count
     from .targeting import adaptable_kind
 
     added = 0
     for name, module in selected:
         a, b = factor_shapes(adaptable_kind(module), module, config.rank_for(name))
-        added += a[0] * a[1] + b[0] * b[1]
+        added += parameter_count(adaptable_kind(module), module, config.rank_for(name))
         if args.verbose:
             print(f"  {name}  A{a} B{b}")
     total = sum(p.numel() for p in model.parameters())
@@ -134,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan.cli import add_plan_command
     from .plan.sweep_cli import add_sweep_command
     from .serve.cli import add_serve_command
+    from .ui.cli import add_ui_command
     from .train.commands import add_commands
 
     add_commands(sub)
     add_plan_command(sub)
     add_sweep_command(sub)
     add_serve_command(sub)
+    add_ui_command(sub)
     for command in sub.choices.values():  # so that main() can answer a mistyped flag with its usage
         command.set_defaults(command_parser=command)
     return parser
