@@ -17,7 +17,8 @@ of that type; "table" means peftkit has an entry (defaults, fused class) that is
                                                       (soft-cap)  (also gemma3_text: sliding-window layers)
     mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma, gemma3_text, phi, phi3, olmo2, stablelm, starcoder2,
     smollm3, glm, gpt_neox, gptj, opt, bloom, falcon: LoRA training with every fast path (parity matrix);
-    serving verified (tests/serve/test_serve_arch_parity.py) except opt, bloom (refused: arch.SERVE_UNVERIFIED)
+    serving verified (tests/serve/test_serve_arch_parity.py) except opt, bloom (refused: arch.SERVE_UNVERIFIED);
+    prefix tuning verified (tests/test_prefix_arch.py) except gptj, falcon, bloom (refused: arch.PREFIX_UNVERIFIED)
     cohere, granite, granitemoe: the fused nodes; the loss through the model's own forward (their heads
     scale the logits: logit_scale, logits_scaling); serving verified
     IA3 default targets for 27 model types (PEFT's table, compared with it by a test)
@@ -34,7 +35,8 @@ forward() argument names), model (decoder/head, decoder blocks, logits, loading 
 from __future__ import annotations
 
 from .arch import (BOTTLENECK_DEFAULT_TARGETS, DECODER_LAYER_PATHS, FEATURES, LORA_DEFAULT_TARGETS,
-                   PLAIN_KV_LAYER_TYPES, PREFIX_UNSUPPORTED_TYPES, SERVE_UNVERIFIED, SWIGLU_MLP_CLASSES, VERIFIED,
+                   PLAIN_KV_LAYER_TYPES, PREFIX_UNSUPPORTED_TYPES, PREFIX_UNVERIFIED, SERVE_UNVERIFIED,
+                   SWIGLU_MLP_CLASSES, VERIFIED,
                    bottleneck_default_targets, is_conv1d, lora_default_targets, mlp_kind, model_type,
                    swiglu_projections, verified_features)
 from .cache import (cache_arg, cache_length, dynamic_cache, forward_accepts, is_dynamic_cache, kv_tensors,
@@ -49,7 +51,8 @@ from .model import (decoder_and_head, decoder_layers, dtype_kwargs, input_embedd
 
 __all__ = [
     "BOTTLENECK_DEFAULT_TARGETS", "DECODER_LAYER_PATHS", "FEATURES", "LORA_DEFAULT_TARGETS", "PLAIN_KV_LAYER_TYPES",
-    "PREFIX_UNSUPPORTED_TYPES", "SERVE_UNVERIFIED", "SWIGLU_MLP_CLASSES", "VERIFIED", "bottleneck_default_targets", "cache_arg",
+    "PREFIX_UNSUPPORTED_TYPES", "PREFIX_UNVERIFIED", "SERVE_UNVERIFIED", "SWIGLU_MLP_CLASSES", "VERIFIED",
+    "bottleneck_default_targets", "cache_arg",
     "cache_length", "context_length", "decoder_and_head", "decoder_layers", "drop_quantization_config",
     "dtype_kwargs", "dynamic_cache", "forward_accepts", "head_scaling", "hidden_size", "input_embeddings",
     "is_conv1d", "local_tokenizer",

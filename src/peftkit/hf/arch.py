@@ -29,14 +29,37 @@ SERVE_UNVERIFIED = {
     "bloom": "its ALiBi positions come from the attention mask, which the engine's left-padded rows change",
     "gemma2": "batched greedy tokens differ from the same request served alone",
 }
+# --- prefix tuning: architectures whose cache PEFT builds specially (hybrid/sliding caches, shared-KV layers,
+# fused KV) or that have no per-layer attention cache at all: a plain DynamicCache prefix would be wrong or ignored.
+PREFIX_UNSUPPORTED_TYPES = frozenset({
+    "gemma3", "gemma4", "gemma4_text", "bloom", "gpt_bigcode", "mamba", "mamba2",
+    "falcon_mamba", "rwkv", "recurrent_gemma", "jamba", "zamba", "zamba2", "qwen3_next", "lfm2", "cohere2", "t5",
+    "bart"})
+
+# Prefix tuning (the cache hooks) is verified on the parity types by tests/test_prefix_arch.py (forward equal to HF
+# PEFT's, a left-padded batch's generate() equal to each row's alone, equal to greedy full forwards), except
+# these and PREFIX_UNSUPPORTED_TYPES, which it refuses:
+PREFIX_UNVERIFIED = {
+    "gptj": "its generate() with a prefix cache differs from full forwards",
+    "falcon": "its attention cannot take a prefix cache (the shapes do not match)",
+}
+
+
+def _parity_features(model_type: str) -> frozenset[str]:
+    found = set(TRAINING_FAST_PATHS)
+    if model_type in SCALED_HEAD_TYPES:
+        found.discard("head_loss")
+    if model_type not in SERVE_UNVERIFIED:
+        found.add("serve")
+    if model_type not in PREFIX_UNVERIFIED and model_type not in PREFIX_UNSUPPORTED_TYPES:
+        found.add("prefix")
+    return frozenset(found)
+
+
 VERIFIED: dict[str, frozenset[str]] = {
-    **{t: TRAINING_FAST_PATHS | ({"serve"} if t not in SERVE_UNVERIFIED else set()) for t in PARITY_TYPES},
-    **{t: TRAINING_FAST_PATHS - {"head_loss"} | {"serve"} for t in SCALED_HEAD_TYPES},
+    **{t: _parity_features(t) for t in PARITY_TYPES},
     "llama": frozenset(FEATURES),
-    # prefix tuning through sliding-window layers: tests/test_prefix_arch.py (forward equals PEFT's exactly)
-    **{t: TRAINING_FAST_PATHS | {"prefix"} | ({"serve"} if t not in SERVE_UNVERIFIED else set())
-       for t in ("gemma2", "gemma3_text")},
-    "gpt2": TRAINING_FAST_PATHS | {"dora", "prefix", "bottleneck", "ia3", "serve"},
+    "gpt2": _parity_features("gpt2") | {"dora", "bottleneck", "ia3"},
 }
 
 # --- LoRA: target_modules=None picks these, by model_type (HF PEFT's table,
@@ -98,12 +121,6 @@ IA3_DEFAULT_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "deberta-v2": (("key_proj", "value_proj", "output.dense"), ("output.dense",)),
 }
 
-# --- prefix tuning: architectures whose cache PEFT builds specially (hybrid/sliding caches, shared-KV layers,
-# fused KV) or that have no per-layer attention cache at all: a plain DynamicCache prefix would be wrong or ignored.
-PREFIX_UNSUPPORTED_TYPES = frozenset({
-    "gemma3", "gemma4", "gemma4_text", "bloom", "gpt_bigcode", "mamba", "mamba2",
-    "falcon_mamba", "rwkv", "recurrent_gemma", "jamba", "zamba", "zamba2", "qwen3_next", "lfm2", "cohere2", "t5",
-    "bart"})
 
 # --- MLP kinds: classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) -----------------
 SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP"})

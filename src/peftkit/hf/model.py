@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .arch import DECODER_LAYER_PATHS, PREFIX_UNSUPPORTED_TYPES, model_type, verified_features
+from .arch import (DECODER_LAYER_PATHS, PREFIX_UNSUPPORTED_TYPES, PREFIX_UNVERIFIED, VERIFIED, model_type,
+                   verified_features)
 from .cache import cache_arg, forward_accepts
 from .configs import head_scaling, is_encoder_decoder, model_config
 
@@ -116,6 +117,11 @@ def prefix_unsupported(model: nn.Module) -> str | None:
     if kind in PREFIX_UNSUPPORTED_TYPES:
         return (f"model_type {kind!r} needs a special cache (hybrid, sliding, shared or recurrent layers) that a "
                 "plain prefix cache does not fit")
+    if "prefix" not in verified_features(model):  # an allowlist: proven by tests/test_prefix_arch.py
+        why = PREFIX_UNVERIFIED.get(kind, "no test has checked its outputs and generate() with a prefix")
+        served = sorted(t for t, f in VERIFIED.items() if "prefix" in f)
+        return (f"prefix tuning is not verified for model_type {kind!r}: {why}. Verified: {', '.join(served)}; "
+                "use LoRA, or prompt tuning (virtual tokens on the input embeddings)")
     if cache_arg(model) is None:
         return "its forward() takes neither `cache` nor `past_key_values`"
     return None
