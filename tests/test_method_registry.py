@@ -19,12 +19,23 @@ SRC = Path(peftkit.__file__).parent
 CORE = ["registry.py", "record.py", "files.py", "inject.py", "adapters.py", "merge.py", "checkpoint.py",
         "targeting.py", "train/loop.py", "train/recipe.py", "train/run.py", "train/method.py", "train/loss.py",
         "plan/memory.py"]
-METHOD_WORDS = {"LORA", "BOTTLENECK", "PREFIX_TUNING", "lora", "dora", "qlora", "bottleneck",
-                "LoraConfig", "BottleneckConfig", "PrefixConfig", "LoraLayer", "BottleneckLayer", "PrefixAdapters",
-                "IA3", "ia3", "IA3Config", "IA3Layer", "LOHA", "LOKR", "loha", "lokr", "LoHaConfig", "LoKrConfig",
-                "LycorisLayer", "VERA", "vera", "VeraConfig", "VeraLayer", "ADALORA", "adalora", "AdaLoraConfig",
-                "PROMPT_TUNING", "P_TUNING", "prompt", "ptuning", "ptuning-lstm", "PromptTuningConfig",
-                "PromptEncoderConfig", "OFT", "oft", "OFTConfig", "OFTLayer"}
+def _method_words() -> set[str]:
+    """Every name that identifies a registered method: its peft_type, train names, config class, and the classes
+    its own folder defines (layers, holders): derived from the registry, so a new method is covered unlisted."""
+    import inspect
+
+    words = set(registry.peft_types()) | set(registry.train_names())
+    for method in registry.methods():
+        words.add(method.config_class.__name__)
+        folder = method.config_class.__module__.rsplit(".", 1)[0]
+        for module in [m for name, m in list(__import__("sys").modules.items()) if name.startswith(folder + ".")]:
+            words |= {n for n, obj in vars(module).items()
+                      if inspect.isclass(obj) and obj.__module__ == module.__name__ and n.endswith(("Layer", "Adapters"))}
+    return words - {"prefix"}  # also a plain identifier (a name prefix); PREFIX_TUNING and PrefixConfig stay
+
+
+METHOD_WORDS = _method_words()
+assert {"LoraLayer", "BottleneckLayer", "PrefixAdapters", "PromptEncoderConfig", "ptuning-lstm"} <= METHOD_WORDS
 # Defaults, not dispatch: PEFT reads a config without peft_type as LORA, and the planner's default --method.
 ALLOWED = {"registry.py": {"LORA"}, "plan/memory.py": {"lora"}}
 
