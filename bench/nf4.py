@@ -9,6 +9,8 @@ Rows (each a ratio peftkit / bitsandbytes unless said otherwise; absolute times 
   4. bytes of the quantized weight / fp32 bytes (and bits per parameter), with and without double quant
   5. a training step on SmolLM2-135M, QLoRA (peftkit NF4 base) / fp32 LoRA, same LoRA config (r=16,
      all-linear), batch 4 x 128 random ids, AdamW lr 1e-4; plus the weight memory of both models
+  6. ('fused', bench/nf4_fused.py) a QLoRA step with bf16 compute through peftkit's training loss: the fused
+     NF4 nodes / the module path, and / bf16 LoRA; step time and memory kept for backward (CUDA: peak growth)
 The two sides of each row are timed round-robin (the order alternating every round) after a warmup,
 and MEDIANS are compared. Threads default to 1: on the 2-core shared VMs two threads are very noisy.
 On CPU these ops are bound by memory and page faults on their large temporaries, so a process can settle
@@ -18,7 +20,8 @@ bitsandbytes on CPU: quantize_4bit is pure torch, dequantize_4bit is a C kernel,
 dequantize followed by F.linear.
 
 Run:  python bench/nf4.py [--size 4096] [--linear-size 4096] [--repeats 7] [--train-repeats 3]
-                          [--threads 1] [--skip-train | --rows quant,linear,train] [--device cuda]
+                          [--threads 1] [--skip-train | --rows quant,linear,train,fused] [--device cuda]
+                          [--fused-shape smollm2|tiny] [--fused-batch 4] [--fused-seq 256] [--fused-repeats 5]
                           [--json out.json]
 (about 2.5 minutes on 2 CPU cores, 45 s with --skip-train)
 """
@@ -38,8 +41,11 @@ from collections.abc import Callable
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the model loaders' progress bars would garble the output
 
-import bitsandbytes as bnb  # noqa: E402
-import bitsandbytes.functional as bnbF  # noqa: E402
+try:  # the quant and linear rows compare against bitsandbytes; the fused rows run without it
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+except ImportError:
+    bnb = bnbF = None
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -241,7 +247,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--skip-train", action="store_true", help="skip the SmolLM2 QLoRA vs LoRA training rows")
-    p.add_argument("--rows", default="quant,linear,train", help="which sections to run: quant, linear, train")
+    p.add_argument("--rows", default="quant,linear,train,fused", help="sections: quant, linear, train, fused")
+    p.add_argument("--fused-shape", default="smollm2", choices=["smollm2", "tiny"],
+                   help="the fused rows' random Llama body: SmolLM2-135M's shape, or a 2-layer one")
+    p.add_argument("--fused-batch", type=int, default=4)
+    p.add_argument("--fused-seq", type=int, default=256)
+    p.add_argument("--fused-repeats", type=int, default=5, help="timed steps per side in the fused rows")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     args = p.parse_args(argv)
     if args.threads:
@@ -250,15 +261,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--device cuda given but CUDA is not available")
     device = torch.device(args.device)
 
-    print(f"peftkit {peftkit.__version__} (git {git_commit()}) | bitsandbytes {bnb.__version__} | "
+    print(f"peftkit {peftkit.__version__} (git {git_commit()}) | bitsandbytes {bnb and bnb.__version__} | "
           f"peft {peft.__version__} | torch {torch.__version__} | transformers {transformers.__version__}")
     print(f"{platform.platform()} | {platform.processor() or platform.machine()} | cpu_count={os.cpu_count()} | "
           f"torch threads={torch.get_num_threads()} | cpu capability={torch.backends.cpu.get_cpu_capability()} | "
           f"device={device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"repeats={args.repeats} train_repeats={args.train_repeats} warmup={args.warmup}")
     rows = set(args.rows.split(",")) - ({"train"} if args.skip_train else set())
-    if rows - {"quant", "linear", "train"}:
-        raise SystemExit(f"unknown --rows {sorted(rows - {'quant', 'linear', 'train'})}; use quant, linear, train")
+    if rows - {"quant", "linear", "train", "fused"}:
+        raise SystemExit(f"unknown --rows {sorted(rows - {'quant', 'linear', 'train', 'fused'})}; "
+                         "use quant, linear, train, fused")
+    if bnb is None and rows & {"quant", "linear"}:
+        print("bitsandbytes is not installed: skipping the quant and linear rows (they compare against it)")
+        rows -= {"quant", "linear"}
     t_start = time.perf_counter()
     with torch.inference_mode():
         if "quant" in rows:
@@ -275,12 +290,21 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as exc:  # keep the rows measured so far; report the failure and exit non-zero
             traceback.print_exc()
             failed = f"training rows failed: {type(exc).__name__}: {exc}"
+    if "fused" in rows and not failed:
+        print("\n== QLoRA training step: fused NF4 nodes / module path / bf16 LoRA ==")
+        from nf4_fused import fused_rows
+
+        try:
+            fused_rows(args, device, race, add_times, add)
+        except Exception as exc:
+            traceback.print_exc()
+            failed = f"fused rows failed: {type(exc).__name__}: {exc}"
     print_table()
     if failed:
         print(f"\n{failed}")
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
     if args.json:
-        meta = {"peftkit": peftkit.__version__, "git": git_commit(), "bitsandbytes": bnb.__version__,
+        meta = {"peftkit": peftkit.__version__, "git": git_commit(), "bitsandbytes": bnb and bnb.__version__,
                 "peft": peft.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
                 **{k: v for k, v in vars(args).items() if k != "json"}}

@@ -26,6 +26,9 @@ adapter takes in the slots.
 Run:  python bench/serve.py [--model smollm2|tiny] [--adapters 1,8,32] [--requests 32] [--max-tokens 32]
                             [--max-batch 16] [--swap-requests 8] [--rounds 3] [--device cpu|cuda] [--threads 1] [--json out.json]
 (about 5 minutes for the defaults on the project's 2-core CPU machine; --quick: tiny model, seconds)
+--dtype bfloat16 (or float16): the base, its KV cache and the engine's batch in that dtype on both sides; the
+adapters in fp32 on both (the engine's slots, and PEFT's default autocast_adapter_dtype). The header lists the
+CPU's AVX/AMX flags: without avx512_bf16 or amx_bf16 bf16 matmuls are slower than fp32 ones (precision.py).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import peftkit  # noqa: E402
+from peftkit import precision  # noqa: E402
 from peftkit.serve import AdapterRegistry, Engine, GenRequest  # noqa: E402
 from peftkit.train import task  # noqa: E402
 from peftkit.train.infer import chat_prompt  # noqa: E402
@@ -158,6 +162,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
     p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the base's dtype on both sides (default float32)")
     p.add_argument("--quick", action="store_true", help="tiny model, 8 requests, 8 tokens, adapters 1,4")
     args = p.parse_args()
     if args.quick:
@@ -169,9 +175,13 @@ def main() -> None:
     print(f"peftkit {peftkit.__version__} | peft {peft.__version__} | torch {torch.__version__} | "
           f"transformers {transformers.__version__}")
     print(f"{platform.platform()} | cpu_count={os.cpu_count()} | torch threads={torch.get_num_threads()}")
+    facts = precision.machine_facts()
+    print(f"CPU {facts['cpu']} | flags {' '.join(facts['cpu_flags']) or 'none'} | bf16 flags "
+          f"{' '.join(facts['bf16_flags']) or 'none'} | CUDA {facts['cuda']} | --dtype auto here: "
+          f"{facts['auto']['dtype']} | this run: {args.dtype}")
 
     model, tokenizer = load(args.model)
-    model = model.to(args.device)
+    model = model.to(args.device, getattr(torch, args.dtype))
     pristine = copy.deepcopy(model)  # HF PEFT's base: the engine's model gets slot layers
     tmp = tempfile.TemporaryDirectory()
     root = Path(tmp.name)
@@ -254,7 +264,8 @@ def main() -> None:
     print("goals: peftkit with K adapters / 1 adapter >= 0.8; peftkit / HF mixed >= 2; peftkit / HF swap >= 2")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "cold_load_ms": cold, "agree": agree,
-                                               "per_adapter_mib": per_adapter_mib}, indent=2))
+                                               "per_adapter_mib": per_adapter_mib, "dtype": args.dtype,
+                                               "machine": facts}, indent=2))
         print(f"wrote {args.json}")
     tmp.cleanup()
 

@@ -20,8 +20,17 @@ threshold as `peftkit train` does on a CPU (src/peftkit/train/allocator.py); --s
 PEFT's process the same setting, to see how much of the memory ratio that is. Threads default to 1:
 two threads on the 2-core shared VMs are noisy.
 
+16-bit and QLoRA rows: --dtype bfloat16 gives both sides a bf16 base with fp32 adapters (peftkit's default,
+and PEFT's default autocast_adapter_dtype); the initial losses then agree to LOSS_TOL_16. --base nf4 quantizes
+the linears (not the head) to NF4 with double quantization, blocksize 64, compute dtype --dtype: peftkit's
+NF4Linear on the peftkit side, bitsandbytes' Linear4bit (its CPU backend on a CPU) under HF PEFT on the other,
+plus a third side, 'peftkit-dense': peftkit's LoRA on the unquantized base in --dtype (QLoRA's cost against
+plain 16-bit LoRA). The header lists the CPU's AVX/AMX flags: without avx512_bf16 or amx_bf16 a bf16 matmul
+is converted to fp32 and back, so bf16 steps are slower than fp32 ones on such a CPU (see precision.py).
+
 Run:  python bench/train.py [--models tiny,smollm2] [--batch B] [--smollm2-batch 4] [--seq 256] [--steps N]
                             [--warmup N] [--device cpu|cuda] [--threads 1] [--json out.json] [--quick]
+                            [--dtype float32|bfloat16|float16] [--base dense|nf4]
 (batch 8 x 256 for tiny, 4 x 256 for smollm2 by default: 12-15 minutes on the 2-core VM, where a SmolLM2
 step at 8 x 256 takes about a minute; --quick: tiny model only, batch 4, a few steps, under a minute)
 """
@@ -51,11 +60,13 @@ import transformers  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftkit  # noqa: E402
+from peftkit import precision  # noqa: E402
 from peftkit.train.loop import make_optimizer  # noqa: E402
 from peftkit.train.loss import sum_token_loss  # noqa: E402
 
 SIDES = ("peftkit", "hf-peft")
-LOSS_TOL = 1e-4
+LOSS_TOL, LOSS_TOL_16 = 1e-4, 2e-2  # fp32; a 16-bit base (both sides' logits rounded to the base dtype)
+DTYPE, BASE = torch.float32, "dense"  # --dtype: the base's dtype on every side; --base: dense or nf4 (QLoRA)
 
 
 def load(name: str) -> nn.Module:
@@ -90,9 +101,37 @@ def make_batch(vocab: int, batch: int, seq: int, device: torch.device) -> dict[s
 GRADIENT_CHECKPOINTING = False  # --gradient-checkpointing: both sides recompute each block in backward
 
 
+def sides() -> tuple[str, ...]:  # with --base nf4, also peftkit's LoRA on the dense base
+    return (*SIDES, "peftkit-dense") if BASE == "nf4" else SIDES
+
+
+def to_bnb_nf4(model: nn.Module) -> nn.Module:
+    """The model's linears (not the head) as bitsandbytes Linear4bit, NF4 with double quantization, in place."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module is head:
+            continue
+        assert module.bias is None, f"{name}: the bench's bnb swap handles bias-free linears (Llama's) only"
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=DTYPE,
+                              compress_statistics=True, quant_type="nf4")  # the bench's Llama has no biases
+        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, blocksize=64)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q.to(module.weight.device))
+    return model
+
+
 def build(side: str, base: nn.Module) -> nn.Module:
-    """`base` (consumed) with a fresh LoRA adapter, B = 0, in training mode."""
+    """`base` (consumed) with a fresh LoRA adapter, B = 0, in training mode; in --dtype, NF4 with --base nf4."""
     torch.manual_seed(1)
+    base = base.to(DTYPE)
+    if BASE == "nf4" and side == "peftkit":
+        peftkit.quantize(base, "nf4", compute_dtype=DTYPE)
+    elif BASE == "nf4" and side == "hf-peft":
+        to_bnb_nf4(base)
+    side = "peftkit" if side == "peftkit-dense" else side
     if GRADIENT_CHECKPOINTING:  # transformers' own, non-reentrant, on both sides
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if side == "peftkit":
@@ -106,7 +145,7 @@ def build(side: str, base: nn.Module) -> nn.Module:
 
 
 def loss_fn(side: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    if side == "peftkit":
+    if side.startswith("peftkit"):
         total, n = sum_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk=1024)
         return total / n
     return model(**batch, use_cache=False).loss
@@ -114,7 +153,7 @@ def loss_fn(side: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
 
 def stepper(side: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
-    if side == "peftkit":  # the optimizer `peftkit train` builds (fused AdamW where torch has it)
+    if side.startswith("peftkit"):  # the optimizer `peftkit train` builds (fused AdamW where torch has it)
         opt = make_optimizer(params, lr=1e-4, weight_decay=0.01)
     else:
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -162,7 +201,7 @@ def _status_kib(field: str) -> int:
 def measure_memory(args: argparse.Namespace) -> None:
     """Child process: peak memory growth (MiB) of `args.mem_steps` training steps of one side; prints JSON."""
     device = torch.device(args.device)
-    if args.side == "peftkit" or args.same_allocator:  # what `peftkit train` does on a CPU (allocator.py)
+    if args.side.startswith("peftkit") or args.same_allocator:  # what `peftkit train` does on a CPU (allocator.py)
         from peftkit.train.allocator import release_freed_memory
 
         release_freed_memory()
@@ -205,8 +244,9 @@ def child_memory(name: str, batch: int, seq: int, args: argparse.Namespace) -> d
     one after the other on CUDA (where they would share the device)."""
     procs: dict[str, subprocess.Popen] = {}
     outs: dict[str, tuple[str, str]] = {}
-    for side in SIDES:
+    for side in sides():
         cmd = [sys.executable, os.path.abspath(__file__), "--_memory-side", side, "--models", name,
+               "--dtype", str(DTYPE).removeprefix("torch."), "--base", BASE,
                "--batch", str(batch), "--seq", str(seq), "--device", args.device, "--threads", str(args.threads),
                "--mem-steps", str(args.mem_steps)] + (["--same-allocator"] if args.same_allocator else []) + (
                    ["--gradient-checkpointing"] if args.gradient_checkpointing else [])
@@ -231,23 +271,26 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     batch = make_batch(base.config.vocab_size, bsz, args.seq, device)
     n_labels = int((batch["labels"][:, 1:] != -100).sum())
     print(f"  batch {bsz} x {args.seq}: {int(batch['attention_mask'].sum())} real tokens, {n_labels} labelled")
-    models = {side: build(side, copy.deepcopy(base)) for side in SIDES}
+    models = {side: build(side, copy.deepcopy(base)) for side in sides()}
     del base
     trainable = {s: sum(p.numel() for p in m.parameters() if p.requires_grad) for s, m in models.items()}
-    print(f"  trainable params: peftkit {trainable['peftkit']:,}  HF PEFT {trainable['hf-peft']:,}")
+    adapter_dtype = next(p.dtype for p in models["peftkit"].parameters() if p.requires_grad)
+    print(f"  trainable params: peftkit {trainable['peftkit']:,}  HF PEFT {trainable['hf-peft']:,}; base "
+          f"{str(DTYPE).removeprefix('torch.')} {BASE}, adapters {adapter_dtype}")
     with torch.no_grad():
         loss0 = {s: loss_fn(s, m, batch).item() for s, m in models.items()}
     diff = abs(loss0["peftkit"] - loss0["hf-peft"])
+    tol = LOSS_TOL if DTYPE == torch.float32 else LOSS_TOL_16
     print(f"  initial loss: peftkit {loss0['peftkit']:.6f}  HF PEFT {loss0['hf-peft']:.6f}  |diff| {diff:.2e} "
-          f"(tol {LOSS_TOL:.0e})")
-    if diff > LOSS_TOL or trainable["peftkit"] != trainable["hf-peft"]:
+          f"(tol {tol:.0e})" + (f"; peftkit on the dense base {loss0['peftkit-dense']:.6f}" if BASE == "nf4" else ""))
+    if diff > tol or trainable["peftkit"] != trainable["hf-peft"]:
         raise SystemExit("the two sides do not train the same thing; not timing")
     steps = args.steps or (20 if name == "tiny" else 5)
     warmup = args.warmup if args.warmup is not None else (2 if name == "tiny" else 1)
     fns = {s: stepper(s, m, batch) for s, m in models.items()}
     t0 = time.perf_counter()
     times = race(fns, steps, warmup, device)
-    print(f"  timed {steps} steps x 2 sides (+{warmup} warm-up) in {time.perf_counter() - t0:.1f}s")
+    print(f"  timed {steps} steps x {len(fns)} sides (+{warmup} warm-up) in {time.perf_counter() - t0:.1f}s")
     del fns, models
     gc.collect()
     mem = child_memory(name, bsz, args.seq, args)
@@ -264,6 +307,10 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
         "peak_mib": {s: m["peak_mib"] for s, m in mem.items()},
         "process_peak_ratio": mem["peftkit"]["peak_mib"] / mem["hf-peft"]["peak_mib"],
         "memory_how": mem["peftkit"]["how"], "raw_ms": {s: [round(1e3 * t, 2) for t in v] for s, v in times.items()},
+        "dtype": str(DTYPE).removeprefix("torch."), "base": BASE,
+        **({"vs_dense_time_ratio": med["peftkit"] / med["peftkit-dense"],
+            "vs_dense_memory_ratio": mem["peftkit"]["growth_mib"] / mem["peftkit-dense"]["growth_mib"]}
+           if "peftkit-dense" in med else {}),
     }
 
 
@@ -278,6 +325,10 @@ def print_table(results: list[dict]) -> None:
         print(f"{r['model']:<8} | {shape:>9} | {ms['peftkit']:>15.1f} | {ms['hf-peft']:>10.1f} | "
               f"{r['time_ratio']:>10.3f} | {r['paired_time_ratio']:>6.3f} | {mem['peftkit']:>16.1f} | "
               f"{mem['hf-peft']:>11.1f} | {r['memory_ratio']:>9.3f} | {r['process_peak_ratio']:>18.3f}")
+    for r in results:
+        if "vs_dense_time_ratio" in r:
+            print(f"{r['model']}: peftkit NF4 / peftkit {r['dtype']} LoRA on the dense base: step time "
+                  f"{r['vs_dense_time_ratio']:.3f}, peak growth {r['vs_dense_memory_ratio']:.3f}")
     print("ratios = peftkit / HF PEFT (< 1: peftkit is better); time: of the medians, 'paired': median of "
           "per-round ratios;\npeak MiB: growth of the peak over the memory after load + inject + optimizer, "
           "each side in its own process;\nprocess peak ratio: the whole process's peak resident memory "
@@ -302,10 +353,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="both sides recompute each decoder block in backward (transformers' checkpointing)")
     p.add_argument("--same-allocator", action="store_true",
                    help="give HF PEFT's process peftkit's CPU allocator setting too (a sensitivity check)")
-    p.add_argument("--_memory-side", dest="side", choices=SIDES, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the base's dtype on every side (adapters stay fp32 over a 16-bit base; default float32)")
+    p.add_argument("--base", default="dense", choices=["dense", "nf4"], help="nf4: QLoRA rows, peftkit's NF4 "
+                   "against HF PEFT + bitsandbytes NF4, and against peftkit's LoRA on the dense --dtype base")
+    p.add_argument("--_memory-side", dest="side", choices=(*SIDES, "peftkit-dense"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    global GRADIENT_CHECKPOINTING
-    GRADIENT_CHECKPOINTING = args.gradient_checkpointing
+    global GRADIENT_CHECKPOINTING, DTYPE, BASE
+    GRADIENT_CHECKPOINTING, DTYPE, BASE = args.gradient_checkpointing, getattr(torch, args.dtype), args.base
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -321,6 +376,10 @@ def main(argv: list[str] | None = None) -> None:
           f"transformers {transformers.__version__}")
     print(f"{platform.platform()} | {platform.processor() or platform.machine()} | cpu_count={os.cpu_count()} | "
           f"torch threads={torch.get_num_threads()} | device={device}")
+    facts = precision.machine_facts()
+    print(f"CPU {facts['cpu']} | flags {' '.join(facts['cpu_flags']) or 'none'} | bf16 flags "
+          f"{' '.join(facts['bf16_flags']) or 'none'} | CUDA {facts['cuda']} | --dtype auto here: "
+          f"{facts['auto']['dtype']} | base {args.dtype} {args.base}")
     results = []
     for name in args.models.split(","):
         print(f"\n== {name.strip()} ==")
@@ -330,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         meta = {"peft": peft.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "peftkit": peftkit.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                "threads": torch.get_num_threads(), **{k: v for k, v in vars(args).items() if k != "json"}}
+                "threads": torch.get_num_threads(), "machine": facts,
+                **{k: v for k, v in vars(args).items() if k != "json"}}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
         print(f"\nwrote {args.json}")

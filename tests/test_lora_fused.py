@@ -8,12 +8,14 @@ from torch import nn
 
 import peftkit
 from peftkit.methods.lora import fused as lora_fused
+from peftkit.methods.lora import layer as lora_layer
 
 FUSABLE = lora_fused.fusable
 
 
 def _grads(model, x, fused: bool, monkeypatch):
-    monkeypatch.setattr(lora_fused, "fusable", FUSABLE if fused else (lambda *a: False))
+    # the layer calls the name it imported: patch it there (patching lora_fused alone left the node on)
+    monkeypatch.setattr(lora_layer, "fusable", FUSABLE if fused else (lambda *a: False))
     model.zero_grad()
     x = x.clone().requires_grad_(x.is_floating_point())
     out = model(x)
@@ -34,6 +36,7 @@ def test_fused_llama_training_equals_the_plain_path(monkeypatch):
     out_f, grads_f, _ = _grads(model, ids, True, monkeypatch)
     assert len(calls) == 14  # every adapted linear of the two blocks took the fused node
     out_p, grads_p, _ = _grads(model, ids, False, monkeypatch)
+    assert len(calls) == 14  # and the plain path did not
     torch.testing.assert_close(out_f, out_p, atol=1e-6, rtol=1e-5)
     assert set(grads_f) == set(grads_p) and len(grads_f) == 28
     for name in grads_p:

@@ -12,6 +12,12 @@ loss through nothing (attention masks them out as keys, and they carry no label)
 exactly zero. Inside `with real_rows(attention_mask):` the node runs its matmuls only on the real
 positions (M of the N rows), writes zeros at the padding positions (finite, so masked attention stays
 exact) and keeps only the M real rows for backward: the same loss and gradients for less work.
+
+A 16-bit base (bf16 or fp16) with fp32 adapters (PEFT's `autocast_adapter_dtype`) runs here too, with the casts
+the module path makes: the base matmul in the base's dtype, A's product in fp32 (x cast to it; the saved x stays
+in its own dtype, so no fp32 copy of the input is kept for backward), B's product and the sum in the output's
+dtype, and gradients of A and B returned in fp32 for the fp32 master weights. With one dtype throughout every
+cast is a no-op.
 """
 
 from __future__ import annotations
@@ -79,8 +85,9 @@ class LoraLinearFunction(torch.autograd.Function):
         n, idx = x2.shape[0], None
         if rows is not None:
             x2, idx = rows.gather(x), rows.idx  # (M, in): the kept positions only
-        h = x2 @ A.T  # (M, r)
-        out = F.linear(x2, weight, bias).addmm_(h, B.T, alpha=scaling)  # (M, out)
+        od = x.dtype
+        h = x2.to(A.dtype) @ A.T  # (M, r), in the adapter's dtype
+        out = F.linear(x2, weight, bias).addmm_(h.to(od), B.to(od).T, alpha=scaling)  # (M, out), x's dtype
         ctx.save_for_backward(x2, h, weight, A, B, idx)
         ctx.scaling, ctx.in_shape, ctx.has_bias, ctx.n = scaling, x.shape, bias is not None, n
         return scatter_rows(out, idx, n).view(*x.shape[:-1], out.shape[-1])
@@ -92,18 +99,20 @@ class LoraLinearFunction(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         if idx is not None:
             g = g.index_select(0, idx)  # (M, out): padding rows' gradients are zero
-        gh = torch.mm(g, B).mul_(ctx.scaling)  # (M, r): the gradient at A's output
+        od, ad = g.dtype, A.dtype
+        gh = torch.mm(g, B.to(od)).mul_(ctx.scaling)  # (M, r): the gradient at A's output, in g's dtype
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if need_x:
-            grad_x = scatter_rows(torch.mm(g, weight).addmm_(gh, A), idx, ctx.n).view(ctx.in_shape)  # (N, in)
+            gx = torch.mm(g, weight).addmm_(gh, A.to(od))  # (M, in)
+            grad_x = scatter_rows(gx, idx, ctx.n).view(ctx.in_shape)  # (N, in)
         if need_w:
             grad_w = g.T @ x2
         if need_b and ctx.has_bias:
             grad_bias = g.sum(0)
         if need_a:
-            grad_a = gh.T @ x2  # (r, in)
+            grad_a = gh.to(ad).T @ x2.to(ad)  # (r, in), in the adapter's dtype
         if need_bb:
-            grad_b = torch.mm(g.T, h).mul_(ctx.scaling)  # (out, r)
+            grad_b = torch.mm(g.T, h.to(od)).mul_(ctx.scaling).to(B.dtype)  # (out, r)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
@@ -122,10 +131,21 @@ def _autocast_on(x: Tensor) -> bool:
         return torch.is_autocast_enabled()
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def dtypes_fusable(x_dtype: torch.dtype, base_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
+    """Whether the fused nodes run this mix of dtypes: the input in the base's dtype, and the adapter in that
+    dtype too, or in fp32 over a 16-bit base (PEFT's default for bf16 / fp16 models)."""
+    return x_dtype == base_dtype and (adapter_dtype == base_dtype
+                                      or (base_dtype in HALF and adapter_dtype == torch.float32))
+
+
 def fusable(base: nn.Module, x: Tensor, A: Tensor, dropout: float, training: bool) -> bool:
     """Whether the fused node computes exactly what the module would: a plain nn.Linear (no hooks, so no
-    FSDP or user hook is bypassed), no active dropout, one dtype throughout (and no autocast, which would
-    change the dtypes inside the node), and gradients wanted."""
+    FSDP or user hook is bypassed), no active dropout, dtypes it runs (`dtypes_fusable`; and no autocast,
+    which would change the dtypes inside the node), and gradients wanted."""
     return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
             and (dropout == 0.0 or not training) and torch.is_grad_enabled() and A.requires_grad
-            and x.dtype == A.dtype == base.weight.dtype and x.device == A.device and not _autocast_on(x))
+            and dtypes_fusable(x.dtype, base.weight.dtype, A.dtype) and x.device == A.device
+            and not _autocast_on(x))

@@ -18,17 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...record import route_forward
+from ...record import RoutedHolder
 from ...weights import (WeightAccess, adapter_dtype, base_device, compute_dtype, get_dense_weight, merge_dtype,
                         set_dense_weight)
 from . import conv
 from .fused import LoraLinearFunction, fusable, rows_for
+from .fused_nf4 import lora_nf4, nf4_fusable
 from .dora import merged_weight as dora_merged_weight
 from .dora import output_delta, unmerged_weight, weight_norm
 from .weights import factor_shapes
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(RoutedHolder, nn.Module):
     """Wraps one linear, Conv1D, embedding or torch convolution ("conv") module; holds any number of named
     adapters."""
 
@@ -141,32 +142,13 @@ class LoraLayer(nn.Module):
         residual = W - s * (B @ A)
         set_dense_weight(self.base, self._from_out_in(residual).to(get_dense_weight(self.base).dtype))
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self.active = tuple(names)
-        self._refresh()
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self._refresh()
-
-    def set_rows(self, rows: list[str | None] | None) -> None:
-        self.row_adapters = rows
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self.pending = tuple(n for n in self.active if n in self.lora_A and n not in self.merged)
-        route_forward(self, (self.disabled or not self.pending) and self.row_adapters is None)
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            raise RuntimeError(f"adapter {name!r} is merged into the base; unmerge it before deleting it")
+    def _drop(self, name: str) -> None:
         for store in (self.lora_A, self.lora_B):
             del store[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
         self.scaling.pop(name)
         self.dropout.pop(name)
-        self.set_active(tuple(n for n in self.active if n != name))
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
@@ -325,6 +307,8 @@ class LoraLayer(nn.Module):
             if fusable(self.base, x, A, self.dropout[name], self.training):
                 return LoraLinearFunction.apply(x, self.base.weight, self.base.bias, A, self.lora_B[name],
                                                            self.scaling[name], rows_for(x))
+            if nf4_fusable(self.base, x, A, self.dropout[name], self.training):  # QLoRA: an NF4 base
+                return lora_nf4(self.base, x, A, self.lora_B[name], self.scaling[name])
         out = self.base(x, *args, **kwargs)
         if self.disabled:
             return out

@@ -6,7 +6,9 @@ Autograd through the module keeps, per layer, gate's output, silu's output, up's
 four (N, intermediate) tensors, the largest activations of a Llama block. This node keeps e and g only and
 recomputes silu(e) * g in backward (as Unsloth's fused LoRA MLP does), plus x and the three thin (N, r)
 adapter activations. Inside `fused.real_rows` it works on the kept positions only, like the fused
-linear node. Equal to the module's own computation within float rounding.
+linear node. Equal to the module's own computation within float rounding. Over a 16-bit base with fp32
+adapters it makes the module path's casts (see fused.py): the base matmuls, SiLU and the product in the base's
+dtype, the adapters' A products in fp32, and A's and B's gradients returned in fp32.
 
 `fused_mlps(model)` swaps the forward of every eligible MLP for the block's duration (the training loss
 uses it); a module is eligible when `hf.mlp_kind` says 'swiglu' (a verified gated-MLP class with SiLU) and
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from ... import hf
 from . import fused
 from .layer import LoraLayer
+from .mlp_nf4 import nf4_swiglu
 
 
 class LoraSwiGLUFunction(torch.autograd.Function):
@@ -35,14 +38,16 @@ class LoraSwiGLUFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, rows, wg: Tensor, ag: Tensor, bg: Tensor, wu: Tensor, au: Tensor, bu: Tensor,
                 wd: Tensor, ad: Tensor, bd: Tensor, scales: tuple[float, float, float]) -> Tensor:
         sg, su, sd = scales
-        n = x.shape[:-1].numel()
+        n, od, adt = x.shape[:-1].numel(), x.dtype, ag.dtype
         x2 = rows.gather(x) if rows is not None else x.reshape(-1, x.shape[-1])  # (M, in)
-        hg, hu = x2 @ ag.T, x2 @ au.T  # (M, r) each
-        e = F.linear(x2, wg).addmm_(hg, bg.T, alpha=sg)  # (M, I)
-        g = F.linear(x2, wu).addmm_(hu, bu.T, alpha=su)  # (M, I)
+        xa = x2.to(adt)  # (M, in) in the adapters' dtype: x2 itself when they match, else a copy dropped below
+        hg, hu = xa @ ag.T, xa @ au.T  # (M, r) each
+        del xa
+        e = F.linear(x2, wg).addmm_(hg.to(od), bg.to(od).T, alpha=sg)  # (M, I)
+        g = F.linear(x2, wu).addmm_(hu.to(od), bu.to(od).T, alpha=su)  # (M, I)
         h = F.silu(e).mul_(g)  # (M, I); freed after this forward, recomputed in backward
-        hd = h @ ad.T  # (M, r)
-        y = F.linear(h, wd).addmm_(hd, bd.T, alpha=sd)  # (M, out)
+        hd = h.to(adt) @ ad.T  # (M, r)
+        y = F.linear(h, wd).addmm_(hd.to(od), bd.to(od).T, alpha=sd)  # (M, out)
         idx = rows.idx if rows is not None else None
         ctx.save_for_backward(x2, e, g, hg, hu, hd, wg, ag, bg, wu, au, bu, wd, ad, bd, idx)
         ctx.scales, ctx.in_shape, ctx.n = scales, x.shape, n
@@ -56,26 +61,27 @@ class LoraSwiGLUFunction(torch.autograd.Function):
         dy = grad.reshape(-1, grad.shape[-1])  # (N, out)
         if idx is not None:
             dy = dy.index_select(0, idx)  # (M, out)
-        sig = torch.sigmoid(e)  # (M, I)
-        silu = e * sig
-        h = silu * g  # (M, I)
-        dhd = torch.mm(dy, bd).mul_(sd)  # (M, r)
-        grad_ad = dhd.T @ h if need[9] else None  # (r, I)
-        grad_bd = torch.mm(dy.T, hd).mul_(sd) if need[10] else None  # (out, r)
-        dh = torch.mm(dy, wd).addmm_(dhd, ad)  # (M, I)
-        del h
+        od, adt = dy.dtype, ag.dtype
+        silu = F.silu(e)  # (M, I), as the forward computed it
+        dhd = torch.mm(dy, bd.to(od)).mul_(sd)  # (M, r)
+        grad_ad = dhd.to(adt).T @ (silu * g).to(adt) if need[9] else None  # (r, I)
+        grad_bd = torch.mm(dy.T, hd.to(od)).mul_(sd).to(bd.dtype) if need[10] else None  # (out, r)
+        dh = torch.mm(dy, wd).addmm_(dhd, ad.to(od))  # (M, I)
         dg = dh * silu  # (M, I)
-        de = dh.mul_(g).mul_(sig.mul_(e.mul(1.0 - sig).add_(1.0)))  # dh * g * silu'(e), written over dh
-        dhg = torch.mm(de, bg).mul_(sg)  # (M, r)
-        dhu = torch.mm(dg, bu).mul_(su)  # (M, r)
+        del silu
+        de = torch.ops.aten.silu_backward(dh.mul_(g), e)  # (M, I): dh * g * silu'(e), as autograd computes it
+        del dh
+        dhg = torch.mm(de, bg.to(od)).mul_(sg)  # (M, r)
+        dhu = torch.mm(dg, bu.to(od)).mul_(su)  # (M, r)
         grad_x = None
         if need[0]:
-            gx = torch.mm(de, wg).addmm_(dhg, ag).addmm_(dg, wu).addmm_(dhu, au)  # (M, in)
+            gx = torch.mm(de, wg).addmm_(dhg, ag.to(od)).addmm_(dg, wu).addmm_(dhu, au.to(od))  # (M, in)
             grad_x = fused.scatter_rows(gx, idx, ctx.n).view(ctx.in_shape)
-        grad_ag = dhg.T @ x2 if need[3] else None
-        grad_bg = torch.mm(de.T, hg).mul_(sg) if need[4] else None
-        grad_au = dhu.T @ x2 if need[6] else None
-        grad_bu = torch.mm(dg.T, hu).mul_(su) if need[7] else None
+        xa = x2.to(adt) if need[3] or need[6] else None  # (M, in)
+        grad_ag = dhg.to(adt).T @ xa if need[3] else None
+        grad_bg = torch.mm(de.T, hg.to(od)).mul_(sg).to(bg.dtype) if need[4] else None
+        grad_au = dhu.to(adt).T @ xa if need[6] else None
+        grad_bu = torch.mm(dg.T, hu.to(od)).mul_(su).to(bu.dtype) if need[7] else None
         return (grad_x, None, None, grad_ag, grad_bg, None, grad_au, grad_bu, None, grad_ad, grad_bd, None)
 
 
@@ -102,7 +108,8 @@ def _fused_forward(mlp: nn.Module, original):
     def forward(x: Tensor) -> Tensor:
         parts = [_parts(layer, x) for layer in hf.swiglu_projections(mlp)]
         if any(p is None for p in parts) or parts[2][0].shape[1] != parts[0][0].shape[0]:
-            return original(x)
+            out = nf4_swiglu(hf.swiglu_projections(mlp), x)  # QLoRA: NF4 bases
+            return original(x) if out is None else out
         (wg, ag, bg, sg), (wu, au, bu, su), (wd, ad, bd, sd) = parts
         return LoraSwiGLUFunction.apply(x, fused.rows_for(x), wg, ag, bg, wu, au, bu, wd, ad, bd, (sg, su, sd))
 
