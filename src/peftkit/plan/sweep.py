@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import tracking
 from ..train import options as opts
 from . import sweep_report
 from .sweep_report import rank_trials, recommend, suggest_rank
@@ -263,9 +264,19 @@ def run_sweep(settings: SweepSettings, base: opts.TrainOptions, runner: Runner =
               clock: Callable[[], float] = time.monotonic, say: Callable[[str], None] = print) -> dict:
     """Run the trials that fit the budget; the sweep's record (also written as sweep.json, with sweep.png)."""
     study = SweepStudy.open(settings, base)
+    params = {"methods": ",".join(settings.methods), "ranks": ",".join(map(str, settings.ranks)),
+              "budget_s": settings.budget_s, "search": settings.search, "pruner": settings.pruner}
     try:
-        scheduler = Scheduler(settings, base, study, runner, clock, say)
-        scheduler.run()
-        return sweep_report.write_outputs(scheduler.record(), settings.output_dir)
+        # --report-to: a parent run for the sweep; each trial's process inherits the environment that nests its
+        # own run under it (MLflow's parentRunId, a TensorBoard folder per trial, one W&B group)
+        with tracking.sweep_parent(base.report_to, settings.output_dir, params, experiment=base.experiment,
+                                   tracking_dir=base.tracking_dir) as parent, parent.environ():
+            scheduler = Scheduler(settings, base, study, runner, clock, say)
+            scheduler.run()
+            record = sweep_report.write_outputs(scheduler.record(), settings.output_dir)
+            best = next((t for t in record["trials"] if t["name"] == record["recommendation"]["name"]), {})
+            parent.finish({"trials": len(record["trials"]), "best_eval_loss": best.get("eval_loss")},
+                          {"sweep.json": Path(record["files"]["json"]), "sweep.png": Path(record["files"]["plot"])})
+            return record
     finally:
         study.close()

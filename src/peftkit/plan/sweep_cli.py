@@ -32,6 +32,10 @@ PASS_THROUGH = {
     "--threads": ("threads", int, "torch CPU threads per trial"),
     "--eval-examples": ("eval_examples", int, (f"held-out examples scored by generation per trial "
                                                     f"(default {SWEEP_EVAL_EXAMPLES} here)")),
+    "--report-to": ("report_to", str, ("log the sweep and each trial (nested under it in MLflow) to tensorboard, "
+                                       "mlflow and/or wandb, comma-separated (docs/tracking.md)")),
+    "--experiment": ("experiment", str, "--report-to: the MLflow experiment and the W&B project (default peftkit)"),
+    "--tracking-dir": ("tracking_dir", str, "--report-to: a folder for the MLflow store and TensorBoard logs"),
 }
 
 

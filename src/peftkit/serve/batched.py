@@ -59,9 +59,10 @@ class SlotLoraLayer(nn.Module):
         self.training = base.training
         self.peftkit_kind = kind
         (_, self.in_features), (self.out_features, _) = factor_shapes(kind, base, 1)
-        if dtype is None:
+        if dtype is None:  # fp32 over 16-bit and quantized bases (PEFT's autocast_adapter_dtype), else the base's
             weight = None if isinstance(base, WeightAccess) else getattr(base, "weight", None)
-            dtype = weight.dtype if weight is not None and weight.dtype.is_floating_point else torch.float32
+            wide = weight is not None and weight.dtype in (torch.float32, torch.float64)
+            dtype = weight.dtype if wide else torch.float32
         device = base_device(base)
         self._state = state
         # One attribute holds both stacks, so a reader never pairs an old A with a new B.
@@ -130,7 +131,11 @@ class SlotLoraLayer(nn.Module):
             B = B_all.index_select(0, state.slots)  # (n, out, r)
             hidden = torch.bmm(xs, A.transpose(1, 2))  # (n, T, r)
             delta = torch.bmm(hidden, B.transpose(1, 2))  # (n, T, out)
-        return out.index_add(0, sel, delta.reshape(n, *out.shape[1:]).to(out.dtype))
+        if delta.dtype == out.dtype:
+            return out.index_add(0, sel, delta.reshape(n, *out.shape[1:]))
+        # a 16-bit base: the sum in the slots' dtype, rounded once to the output's (as PEFT adds an fp32 adapter)
+        summed = out.index_select(0, sel).to(delta.dtype).add_(delta.reshape(n, *out.shape[1:]))
+        return out.index_copy(0, sel, summed.to(out.dtype))
 
     def extra_repr(self) -> str:
         return f"kind={self.peftkit_kind}, capacity={self.capacity}, r_slot={self.r_slot}"

@@ -110,15 +110,16 @@ def build_server(args: argparse.Namespace):
     """(app, engine, registry, base name) from the parsed arguments; the caller starts the engine."""
     from .. import cpu, hf
     from ..models import load_model
-    from ..train.infer import stop_ids, torch_dtype
+    from ..precision import resolve_dtype
+    from ..train.infer import stop_ids
     from .app import create_app
     from .engine import Engine
     from .registry import AdapterRegistry
 
     adapters = check_sources(args)
-    dtype = torch_dtype(args.dtype)
-    print(f"peftkit serve: {cpu.describe(cpu.configure_threads(args.threads))}", flush=True)
-    model, tokenizer = load_model(args.model, dtype=dtype, quantize=args.quantize)
+    choice = resolve_dtype(args.dtype, args.device)
+    print(f"peftkit serve: {cpu.describe(cpu.configure_threads(args.threads))}; {choice.describe()}", flush=True)
+    model, tokenizer = load_model(args.model, dtype=choice.torch_dtype(), quantize=args.quantize)
     if args.device != "cpu":
         model.to(args.device)
     registry = AdapterRegistry(model, adapter_dir=args.adapter_dir, adapters=adapters, max_loaded=args.max_loaded,
@@ -219,8 +220,10 @@ def add_serve_command(sub) -> None:
     p.add_argument("--admin-token", default=os.environ.get("PEFTKIT_ADMIN_TOKEN") or None,
                    help="enable the admin endpoints, guarded by this Bearer token (default: $PEFTKIT_ADMIN_TOKEN, "
                    "which keeps it out of the process list; off when neither is given)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the base model's weights")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the base model's weights and KV cache; adapters run in fp32 over a 16-bit base "
+                   "(default auto: bfloat16 on a CUDA GPU with bf16 or a CPU with AMX or AVX512-BF16, else float32; "
+                   "the choice is printed)")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="load the base's linears in 4-bit NF4")
     p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: the cores "

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..precision import CHOICES
 from . import options as opts
 
 MODEL_HELP = "'smollm2' (embedded), a transformers directory or a .gguf file (default: the adapter's base)"
@@ -78,12 +79,16 @@ def base_model_for(adapter: Path | None, given: str | None) -> str:
 
 
 def _load(args: argparse.Namespace):
+    from ..precision import resolve_dtype
     from .infer import load_for_inference
 
     adapters = [resolve_adapter(a) for a in (args.adapter or [])]
     model = base_model_for(adapters[0] if adapters else None, args.model)
+    choice = resolve_dtype(getattr(args, "dtype", "float32"), "cpu")  # these commands run on the CPU
+    label = " ".join(["peftkit", *([args.command] if getattr(args, "command", None) else [])])
+    print(f"{label}: {choice.describe()}", file=sys.stderr, flush=True)  # stdout stays the commands' output
     return load_for_inference(model, [str(a) for a in adapters] or None,
-                              quantize="nf4" if getattr(args, "nf4", False) else None)
+                              quantize="nf4" if getattr(args, "nf4", False) else None, dtype=choice.torch_dtype())
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -262,6 +267,8 @@ def _inference_args(p: argparse.ArgumentParser, adapter_required: bool = False) 
                    help="adapter directory or a `peftkit train` run directory (repeat to load several)")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--nf4", action="store_true", help="load the base in 4-bit NF4 (as QLoRA trained it)")
+    p.add_argument("--dtype", default="auto", choices=CHOICES, help="dtype of the base's weights (default auto: "
+                   "bfloat16 on a CPU with AMX or AVX512-BF16, else float32; the choice is printed)")
 
 
 def add_commands(sub) -> None:

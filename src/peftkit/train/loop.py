@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import tracking
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import recipe, report
@@ -37,10 +38,23 @@ def train(o: TrainOptions) -> dict:
     `peftkit train` makes those first with `process.configure_process`."""
     started = time.perf_counter()
     run = recipe.setup(o)
+    tracker = recipe.open_tracking(run)  # --report-to: every metrics row goes to metrics.jsonl and the tracker
+    try:
+        return _train(run, tracker, started)
+    except BaseException as error:  # the tracking runs end FAILED (KILLED on Ctrl-C), not left running
+        tracker.close(error)
+        raise
+
+
+def _train(run: Run, tracker: tracking.Tracker, started: float) -> dict:
+    """`train` after setup: the base's score, the step loop, the finish stages."""
+    o = run.o
     run.scorer.before_training(run.model)
     metrics = report.Metrics(run.out / "metrics.jsonl", run.dist.is_main, run.start_step if run.resumed else None)
     if not run.resumed and run.data.val:  # where the curve starts: the base model's validation loss
-        metrics.log(step=0, val_loss=recipe.validate(run))
+        row = {"step": 0, "val_loss": recipe.validate(run)}
+        metrics.log(**row)
+        tracker.log(row)
 
     run.model.train()
     total = run.data.total_steps
@@ -59,6 +73,7 @@ def train(o: TrainOptions) -> dict:
         if _due(o.eval_every, step + 1, total):
             row["val_loss"] = recipe.validate(run)
         metrics.log(**row)
+        tracker.log(row)
         if bar is not None:
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / dt:.0f}", refresh=False)
             bar.update(1)
@@ -66,7 +81,7 @@ def train(o: TrainOptions) -> dict:
             recipe.save_checkpoint(run, step + 1)
     if bar is not None:
         bar.close()
-    return recipe.finish(run, metrics, seconds_before + time.perf_counter() - t_train, started)
+    return recipe.finish(run, metrics, seconds_before + time.perf_counter() - t_train, started, tracker)
 
 
 @dataclass(frozen=True)

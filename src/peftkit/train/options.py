@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import registry
+from .. import precision, registry, tracking
 
 METHODS = (*registry.train_names(), "full")  # the registered methods, and full fine-tuning
 AVAILABLE_METHODS = METHODS
@@ -78,8 +78,9 @@ class TrainOptions:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, ~30%% more time")
     loss_chunk: int = _opt(1024, "answer tokens per chunk of the output-head loss (never the whole batch's logits)")
     seed: int = _opt(0, "seed for the adapter's initialisation, data order and dropout", same_run=True)
-    dtype: str = _opt("float32", "compute dtype of the frozen base", ("float32", "bfloat16", "float16"),
-                      same_run=True)
+    dtype: str = _opt("auto", "compute dtype of the frozen base (adapters train in float32); auto: bfloat16 where "
+                      "the device runs it fast (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16), else float32 "
+                      "(the choice and why: in the header and summary.json)", precision.CHOICES, same_run=True)
     device: str | None = _opt(None, "cpu, cuda or cuda:N (default: cuda if available)")
     threads: int | None = _opt(None, "torch CPU threads (default: the cores free to this process when it "
                                 "starts, said in the run's header)")
@@ -101,9 +102,21 @@ class TrainOptions:
     fsdp: bool = _opt(False, "with more than one process: shard the frozen base with FSDP (fully_shard)")
     nproc: int = _opt(1, "processes for data-parallel training (a shortcut for torchrun --nproc_per_node N)")
     progress: bool = _opt(True, "show a progress bar")
+    # experiment tracking (docs/tracking.md)
+    report_to: tuple[str, ...] = _opt((), "also log the run to these tools, comma-separated: tensorboard, mlflow, "
+                                      "wandb (default: none; they need pip install 'peftkit[track]')",
+                                      metavar="NAMES")
+    experiment: str = _opt("peftkit", "--report-to: the MLflow experiment and the W&B project", metavar="NAME")
+    tracking_dir: str | None = _opt(None, "--report-to: a folder for the MLflow store (mlflow.db, mlartifacts/) and "
+                                    "the TensorBoard logs of many runs (default: the MLflow store in the run "
+                                    "directory's parent, TensorBoard in <output-dir>/tensorboard)", metavar="DIR")
     # not an option: True when --warmup-steps was chosen (flag, YAML file, `build` or `replace`), so a short run
     # keeps it (and is warned) instead of having the default shortened; set by `build` and `replace`
     warmup_given: bool = field(default=False, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        # one form however the names came: a list (YAML, JSON) or "a,b" (Python); unknown names are refused
+        object.__setattr__(self, "report_to", tracking.parse_report_to(self.report_to))
 
     @property
     def builtin(self) -> bool:
@@ -152,6 +165,8 @@ def _coerce(name: str, value: Any) -> Any:
     f = FIELDS[name]
     kind = str(f.type)
     try:
+        if kind.startswith("tuple"):
+            return tracking.parse_report_to(value)
         if value is None:
             if "None" not in kind:
                 raise ValueError("it cannot be empty")
@@ -240,6 +255,10 @@ def validate(o: TrainOptions) -> None:
         choices = FIELDS[name].metadata["choices"]
         if getattr(o, name) not in choices:
             problems.append(f"{name} must be one of {', '.join(choices)} (got {getattr(o, name)!r})")
+    bad = [c for c in "/\\#?%:" if c in o.experiment]
+    if not o.experiment.strip() or len(o.experiment) > 128 or bad:
+        problems.append(f"experiment {o.experiment!r} must be 1 to 128 characters without / \\ # ? % : "
+                        f"(W&B project names cannot hold them)")
     if problems:
         raise ValueError("invalid training options:\n  " + "\n  ".join(problems))
 

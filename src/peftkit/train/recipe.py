@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import adapters as adapter_api
+from .. import precision, tracking
 from . import checkpoints as ckpt
 from . import data as data_mod
 from . import distributed as dist_mod
@@ -82,6 +83,8 @@ def setup_records(o: TrainOptions, dist: Dist) -> tuple[list, list | None]:
     after the model has loaded. ([], None) for the built-in task, whose records need no file."""
     from ..models import ALIASES, resolve_model_dir
 
+    if dist.is_main:
+        tracking.check_installed(o.report_to)  # --report-to's libraries, before seconds of loading a model
     if o.model not in ALIASES and not (Path(o.model).is_file() and Path(o.model).suffix == ".gguf"):
         resolve_model_dir(o.model)  # a transformers directory, else an error saying which models are accepted
     if o.batch_size % (dist.world_size * o.grad_accum):
@@ -92,6 +95,13 @@ def setup_records(o: TrainOptions, dist: Dist) -> tuple[list, list | None]:
     train = data_mod.to_chats(data_mod.read_records(o.data), str(o.data))
     val = data_mod.to_chats(data_mod.read_records(o.val_data), str(o.val_data)) if o.val_data else None
     return train, val
+
+
+def resolve_precision(o: TrainOptions, dist: Dist) -> tuple[TrainOptions, precision.DtypeChoice]:
+    """(the options with --dtype auto made the dtype it means on this process's device, the choice and why):
+    run_options.json records the real dtype, so a resume on a machine where auto means another one is refused."""
+    choice = precision.resolve_dtype(o.dtype, dist.device)
+    return o.replace(dtype=choice.dtype), choice
 
 
 def setup_model(o: TrainOptions, dist: Dist):
@@ -188,11 +198,14 @@ def announce(run: Run) -> None:
         print(f"peftkit train: {note}", file=sys.stderr if note.startswith("WARNING") else sys.stdout, flush=True)
     print(f"peftkit train: trainable {run.trainable_params:,} of {run.total_params:,} parameters "
           f"({100 * run.trainable_params / run.total_params:.3f}%)", flush=True)
+    if run.precision:
+        print(f"peftkit train: base dtype {run.precision['dtype']} ({run.precision['dtype_reason']})", flush=True)
 
 
 def setup(o: TrainOptions) -> Run:
     """Every setup stage in order: the run, ready for its first (or resumed) step."""
     dist = dist_mod.init_distributed(o.device)
+    o, dtype_choice = resolve_precision(o, dist)
     out, resume_from = setup_run_dir(o, dist)
     chats = setup_records(o, dist)  # no model needed: data errors come before the seconds of loading one
     model, tokenizer = setup_model(o, dist)
@@ -200,10 +213,24 @@ def setup(o: TrainOptions) -> Run:
     trainable, total = setup_adapter(o, model, dist)
     named, optimizer, scheduler = setup_optimizer(o, model, dist, data.total_steps)
     scorer = choose_scorer(o, tokenizer, dist, data.val_chats)
-    run = Run(o, dist, out, model, tokenizer, data, named, optimizer, scheduler, scorer, trainable, total, resume_from)
+    run = Run(o, dist, out, model, tokenizer, data, named, optimizer, scheduler, scorer, trainable, total, resume_from,
+              precision=dtype_choice.as_dict())
     resume_or_start(run)
     announce(run)
     return run
+
+
+def open_tracking(run: Run) -> tracking.Tracker:
+    """The --report-to backends (docs/tracking.md), opened on the main process once run_options.json is written;
+    a resumed run continues the tracking runs its tracking.json names. An empty tracker otherwise."""
+    o = run.o
+    if not (run.dist.is_main and o.report_to):
+        return tracking.Tracker()
+    info = tracking.RunInfo(run.out, run.out.resolve().name, o.to_dict(), o.experiment,
+                            Path(o.tracking_dir) if o.tracking_dir else None,
+                            run.start_step if run.resumed else None,
+                            tracking.read_state(run.out) if run.resumed else {})
+    return tracking.open_tracker(o.report_to, info)
 
 
 # --- during the loop -----------------------------------------------------------------------------------------------
@@ -240,22 +267,31 @@ def summarize(run: Run, metrics: report.Metrics, val_loss: float | None, train_s
         "memory_kind": "accelerator, allocated" if device.type == "cuda" else "resident set size",
         "processes": run.dist.world_size, "data": run.data.stats.describe(),
         "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        **run.precision,
     }
 
 
-def finish(run: Run, metrics: report.Metrics, train_seconds: float, started: float) -> dict:
+def finish(run: Run, metrics: report.Metrics, train_seconds: float, started: float,
+           tracker: tracking.Tracker | None = None) -> dict:
     """The finish stages: final validation, last checkpoint, result, the scorer's 'after', summary.json,
-    loss_curve.png; then leave the process group. The summary on the main process, {} on the others."""
+    loss_curve.png, the tracking runs' summary and files; then leave the process group. The summary on the main
+    process, {} on the others."""
+    tracker = tracker or tracking.Tracker()
     val_loss = validate(run)
     save_checkpoint(run, run.data.total_steps)
     state.save_result(run)
     run.scorer.after_training(run.model)
     summary = {}
     if run.dist.is_main:
-        metrics.log(step=run.data.total_steps, val_loss=val_loss, **run.scorer.final_metrics())
+        row = {"step": run.data.total_steps, "val_loss": val_loss, **run.scorer.final_metrics()}
+        metrics.log(**row)
+        tracker.log(row)
         report.plot_loss(metrics.rows(), run.out / "loss_curve.png", f"{run.o.model}, {describe_method(run.o)}")
         summary = summarize(run, metrics, val_loss, train_seconds, started)
         report.write_json(run.out / "summary.json", summary)
+        result = state.result_dir(run)
+        tracker.finish(summary, {result.name: result, **{name: run.out / name for name in (
+            "loss_curve.png", "summary.json", "metrics.jsonl", "run_options.json")}})
     dist_mod.barrier(run.dist)
     dist_mod.cleanup(run.dist)
     return summary

@@ -47,6 +47,7 @@ class Run:
     total_params: int
     resume_from: Path | None = None
     start_step: int = 0
+    precision: dict = field(default_factory=dict)  # {"dtype", "dtype_reason"}: --dtype as resolved (precision.py)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
