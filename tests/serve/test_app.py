@@ -419,4 +419,4 @@ def test_serve_help_names_every_option():
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.max_loaded, args.max_rank, args.max_batch, args.max_queue,
             args.max_tokens_limit, args.max_body_bytes, args.dtype) == \
-        ("127.0.0.1", 8000, 64, 64, 16, 256, 2048, 1 << 20, "float32")
+        ("127.0.0.1", 8000, 64, 64, 16, 256, 2048, 1 << 20, "auto")

@@ -27,7 +27,8 @@ PASS_THROUGH = {
     "--seed": ("seed", int, "seed of every trial (the same for all, so they see the same data)"),
     "--target-modules": ("target_modules", str, ("LoRA targets for the lora/qlora/dora trials (default "
                                                       "all-linear); bottleneck and prefix use their own defaults")),
-    "--dtype": ("dtype", str, "compute dtype of the frozen base: float32, bfloat16 or float16"),
+    "--dtype": ("dtype", str, "compute dtype of the frozen base: auto (the default: bfloat16 where the device runs it "
+                              "fast, else float32), float32, bfloat16 or float16"),
     "--device": ("device", str, "cpu, cuda or cuda:N (default: cuda if available)"),
     "--threads": ("threads", int, "torch CPU threads per trial"),
     "--eval-examples": ("eval_examples", int, (f"held-out examples scored by generation per trial "

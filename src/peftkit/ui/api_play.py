@@ -180,7 +180,7 @@ def run_adapters(folder: Folder, model: str) -> dict[str, Path]:
 
 
 def local_playground(folder: Folder, model: str, adapters: dict[str, str], adapter_dir: str | None = None,
-                     dtype: str = "float32", device: str = "cpu", max_tokens: int = 256,
+                     dtype: str = "auto", device: str = "cpu", max_tokens: int = 256,
                      max_body_bytes: int = 256 << 10) -> Playground:
     """Load `model`, register the adapters (explicit ones, then the runs' own) and build peftkit serve's app
     over them; the caller mounts `.app` and starts `.engine`."""
@@ -190,9 +190,10 @@ def local_playground(folder: Folder, model: str, adapters: dict[str, str], adapt
     from ..serve.cli import served_name
     from ..serve.engine import Engine
     from ..serve.registry import AdapterRegistry
-    from ..train.infer import stop_ids, torch_dtype
+    from ..precision import resolve_dtype
+    from ..train.infer import stop_ids
 
-    base, tokenizer = load_model(model, dtype=torch_dtype(dtype))
+    base, tokenizer = load_model(model, dtype=resolve_dtype(dtype, device).torch_dtype())
     if device != "cpu":
         base.to(device)
     every = {name: str(path) for name, path in run_adapters(folder, model).items()} | dict(adapters)

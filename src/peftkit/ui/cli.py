@@ -106,8 +106,9 @@ def add_ui_command(sub) -> None:
     p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="playground with --model: also offer "
                    "the adapter at PATH as NAME (repeatable)")
     p.add_argument("--adapter-dir", default=None, help="playground with --model: offer each subfolder as an adapter")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="playground with --model: dtype of the base's weights")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="playground with --model: dtype of the base's weights (default auto: bfloat16 where the "
+                   "device runs it fast, else float32)")
     p.add_argument("--device", default="cpu", help="playground with --model: torch device, e.g. cuda")
     p.add_argument("--max-tokens", type=int, default=256, help="the most tokens one playground answer may ask for")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
