@@ -28,16 +28,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from peftkit.precision import describe_machine
+
 PEFTKIT = str(Path(sys.executable).with_name("peftkit"))
 OLD_ENTRY = "import sys; from peftkit.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
-def cpu_flags() -> str:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if os.path.exists("/usr/bin/lscpu") else ""
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("Flags")), []))
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model}; {os.cpu_count()} cores; flags: {' '.join(wanted) or 'none of avx2/avx512/amx'}"
 
 
 def spinner() -> subprocess.Popen:
@@ -83,7 +77,7 @@ def main() -> None:
     p.add_argument("--configs", default="before,after,after-late")
     p.add_argument("--idle", action="store_true", help="also run each configuration without the neighbour")
     a = p.parse_args()
-    print(f"machine: {cpu_flags()}", flush=True)
+    print(f"machine: {describe_machine()}", flush=True)
     results = []
     for busy in ([True, False] if a.idle else [True]):
         for config in a.configs.split(","):

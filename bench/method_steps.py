@@ -18,28 +18,19 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import os
 import statistics
-import subprocess
 import time
 
 import torch
 
 from peftkit import registry
+from peftkit.precision import describe_machine
 from peftkit.train import options as opts
 from peftkit.train import task
 from peftkit.train.data import build_examples, collate
 from peftkit.train.loss import sum_token_loss
 from peftkit.train.method import after_optimizer_step, inject_method, loss_extra
 from peftkit.train.recipe import make_optimizer
-
-
-def cpu_flags() -> str:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if os.path.exists("/usr/bin/lscpu") else ""
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("Flags")), []))
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model}; {os.cpu_count()} cores; flags: {' '.join(wanted) or 'none of avx2/avx512/amx'}"
 
 
 def load(name: str):
@@ -115,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if "lora" not in methods:
         methods.insert(0, "lora")
     torch.set_num_threads(args.threads)
-    print(f"machine: {cpu_flags()}; torch {torch.__version__}, {args.threads} thread(s)", flush=True)
+    print(f"machine: {describe_machine()}; torch {torch.__version__}, {args.threads} thread(s)", flush=True)
     base, tokenizer = load(args.model)
     base.requires_grad_(False)
     total = args.warmup + args.steps

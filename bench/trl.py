@@ -36,17 +36,9 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 # This file is named trl.py: its own folder must not stand first on sys.path, or `import trl` finds it.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from peftkit.precision import describe_machine  # noqa: E402
 SIDES = ("trl+peft", "trl+peftkit", "peftkit")
 LR, R, ALPHA = 2e-4, 16, 32
-
-
-def cpu_flags() -> str:
-    """The CPU model and the vector flags that matter for torch's CPU kernels, from lscpu."""
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if os.path.exists("/usr/bin/lscpu") else ""
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("Flags")), []))
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model}; {os.cpu_count()} cores; flags: {' '.join(wanted) or 'none of avx2/avx512/amx'}"
 
 
 def _status_mib(field: str) -> float:
@@ -207,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"torch {version('torch')} | transformers {version('transformers')} | trl {version('trl')} | "
           f"peft {version('peft')} | peftkit {version('peftkit')} | {platform.platform()}")
-    print(f"machine: {cpu_flags()}; 1 thread per side; SmolLM2-135M fp32, batch {args.batch}, {args.steps} steps")
+    print(f"machine: {describe_machine()}; 1 thread per side; SmolLM2-135M fp32, batch {args.batch}, {args.steps} steps")
     results = {}
     for side in sides:
         t0 = time.perf_counter()
@@ -217,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {side}: {time.perf_counter() - t0:.0f}s in all, trainable params {r['trainable']}", flush=True)
     print_table(results)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "machine": cpu_flags(), "results": results},
+        Path(args.json).write_text(json.dumps({"args": vars(args), "machine": describe_machine(), "results": results},
                                               indent=2))
         print(f"\nwrote {args.json}")
 

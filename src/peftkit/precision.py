@@ -143,3 +143,15 @@ def machine_facts() -> dict[str, Any]:
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": model, "cpu_flags": avx, "bf16_flags": [f for f in CPU_BF16_FLAGS if f in flags], "cuda": cuda,
             "auto": resolve_dtype("auto").as_dict()}
+
+
+def describe_machine() -> str:
+    """One line for a benchmark's header: the CPU model, cores, the vector flags that matter for torch's kernels
+    (AVX2, AVX-512, AVX512-BF16, AMX), the CUDA device if any."""
+    import os
+
+    facts = machine_facts()
+    wanted = [f for f in facts["cpu_flags"] if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")]
+    gpu = f"; cuda: {facts['cuda']}" if facts["cuda"] else ""
+    return (f"{facts['cpu'] or '?'}; {os.cpu_count()} cores; flags: {' '.join(wanted) or 'none of avx2/avx512/amx'}"
+            f"{gpu}")
