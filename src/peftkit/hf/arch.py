@@ -28,6 +28,8 @@ SERVE_UNVERIFIED = {
            "to their adapters",
     "bloom": "its ALiBi positions come from the attention mask, which the engine's left-padded rows change",
     "gemma2": "batched greedy tokens differ from the same request served alone",
+    "granitemoe": "its experts flatten (batch, tokens) into one dimension in some transformers releases (5.4), so "
+                  "rows cannot be routed to their adapters",
 }
 # --- prefix tuning: architectures whose cache PEFT builds specially (hybrid/sliding caches, shared-KV layers,
 # fused KV) or that have no per-layer attention cache at all: a plain DynamicCache prefix would be wrong or ignored.
