@@ -90,6 +90,79 @@ class RoutedHolder:
         self.set_active(tuple(n for n in self.active if n != name))
 
 
+class HookedHolder(nn.Module):
+    """A container registered on the model (not a wrapper) whose adapters act through forward hooks on the whole
+    model, one at a time (prefix tuning, prompt tuning): the holder protocol, and binding forward's arguments.
+    A subclass sets `encoders` (an nn.ModuleDict), `current`, `enabled`, `cache_arg`, `positional` and `handles` in
+    __init__ (`hook_model` does the last three), and says in `TOGETHER` / `PER_ROW` why its adapters cannot be
+    active together or differ per row."""
+
+    peftkit_container = True  # holds adapter weights: not a module tree for LoRA targeting to descend into
+    peftkit_holder = True  # the AdapterHolder protocol
+    TOGETHER = "adapters {names} cannot be active together"
+    PER_ROW = "per_row cannot give rows different adapters of this kind"
+
+    def hook_model(self, model: nn.Module, cache_arg: str | None) -> None:
+        """Read forward's positional parameters and register the subclass's `_before_forward`/`_after_forward`."""
+        import inspect
+
+        self.cache_arg = cache_arg
+        self.positional = [p.name for p in inspect.signature(model.forward).parameters.values()
+                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                        model.register_forward_hook(self._after_forward, with_kwargs=True)]
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return (self.current,) if self.current is not None else ()
+
+    @property
+    def disabled(self) -> bool:
+        return not self.enabled
+
+    def adapter_names(self) -> list[str]:
+        return list(self.encoders.keys())
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.encoders[name].parameters())
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        mine = [n for n in names if n in self.encoders]
+        if len(mine) > 1:
+            raise ValueError(self.TOGETHER.format(names=mine))
+        self.current = mine[0] if mine else None
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.enabled = not disabled
+
+    def set_rows(self, rows: list[str | None] | None) -> None:
+        if rows is not None and any(n in self.encoders for n in rows):
+            raise ValueError(self.PER_ROW)
+
+    def delete_adapter(self, name: str) -> None:
+        del self.encoders[name]
+        if self.current == name:
+            self.current = None
+
+    def release(self) -> None:
+        """Remove the forward hooks (the container is about to leave the model)."""
+        for handle in self.handles:
+            handle.remove()
+
+    def forward_arguments(self, model: nn.Module, args: tuple, kwargs: dict) -> dict:
+        """forward's arguments by name, the cache under `cache_arg` (transformers' deprecated `past_key_values`
+        moved there; both given is an error)."""
+        if len(args) > len(self.positional):
+            raise TypeError(f"{type(model).__name__}.forward got {len(args)} positional arguments")
+        kw = dict(zip(self.positional, args))
+        kw.update(kwargs)
+        if self.cache_arg not in (None, "past_key_values") and "past_key_values" in kw:  # the deprecated name
+            if kw.get(self.cache_arg) is not None:
+                raise ValueError("pass either `cache` or `past_key_values`, not both")
+            kw[self.cache_arg] = kw.pop("past_key_values")
+        return kw
+
+
 def configs(model: nn.Module) -> dict[str, AdapterConfig]:
     """The configs of the adapters in this model, by adapter name (empty if none)."""
     return model.__dict__.setdefault("peftkit_configs", {})

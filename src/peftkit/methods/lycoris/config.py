@@ -117,8 +117,31 @@ def _describe(c: Any, name: str, extra: str = "") -> str:
     return f"{name} r={c.r} alpha={c.alpha}{extra} on {targets if targets is not None else 'the default targets'}"
 
 
+class _LycorisConfig:
+    """What LoHa's and LoKr's configs share beyond their fields: per-module rank and alpha, the file form."""
+
+    def rank_for(self, path: str) -> int:
+        return pattern_value(self.rank_pattern, path, matcher_for(self), "rank_pattern key", self.r)
+
+    def alpha_for(self, path: str) -> float:
+        return pattern_value(self.alpha_pattern, path, matcher_for(self), "alpha_pattern key", self.alpha)
+
+    def regexes(self) -> list[tuple[str, str]]:
+        return _regexes(self)
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        return _to_peft_dict(self)
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> Any:
+        return _from_peft_dict(cls, data)
+
+    def replace(self, **changes: Any) -> Any:
+        return replace(self, **changes)
+
+
 @dataclass(frozen=True)
-class LoHaConfig:
+class LoHaConfig(_LycorisConfig):
     """LoHa (FedPara, Hyeon-Woo et al. 2022; LyCORIS): W x + delta x with delta = (w1_a w1_b) * (w2_a w2_b) *
     alpha / r, the Hadamard product of two rank-r products (rank up to r^2 for 2 r (in + out) parameters).
 
@@ -155,31 +178,12 @@ class LoHaConfig:
         if problems:
             raise ValueError("invalid LoHaConfig: " + "; ".join(problems))
 
-    def rank_for(self, path: str) -> int:
-        return pattern_value(self.rank_pattern, path, matcher_for(self), "rank_pattern key", self.r)
-
-    def alpha_for(self, path: str) -> float:
-        return pattern_value(self.alpha_pattern, path, matcher_for(self), "alpha_pattern key", self.alpha)
-
-    def regexes(self) -> list[tuple[str, str]]:
-        return _regexes(self)
-
-    def to_peft_dict(self) -> dict[str, Any]:
-        return _to_peft_dict(self)
-
-    @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> LoHaConfig:
-        return _from_peft_dict(cls, data)
-
-    def replace(self, **changes: Any) -> LoHaConfig:
-        return replace(self, **changes)
-
     def describe(self) -> str:
         return _describe(self, "LoHa")
 
 
 @dataclass(frozen=True)
-class LoKrConfig:
+class LoKrConfig(_LycorisConfig):
     """LoKr (LyCORIS; Yeh et al. 2024): W x + delta x with delta = kron(w1, w2) * alpha / r, where out = a * b and
     in = c * d are split near their square roots (decompose_factor > 0: one side that factor) and w1 (a, c),
     w2 (b, d) are full matrices or rank-r products: w2 when r < max(b, d) / 2, w1 too with decompose_both when
@@ -224,25 +228,6 @@ class LoKrConfig:
                             f"got {factor!r}")
         if problems:
             raise ValueError("invalid LoKrConfig: " + "; ".join(problems))
-
-    def rank_for(self, path: str) -> int:
-        return pattern_value(self.rank_pattern, path, matcher_for(self), "rank_pattern key", self.r)
-
-    def alpha_for(self, path: str) -> float:
-        return pattern_value(self.alpha_pattern, path, matcher_for(self), "alpha_pattern key", self.alpha)
-
-    def regexes(self) -> list[tuple[str, str]]:
-        return _regexes(self)
-
-    def to_peft_dict(self) -> dict[str, Any]:
-        return _to_peft_dict(self)
-
-    @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> LoKrConfig:
-        return _from_peft_dict(cls, data)
-
-    def replace(self, **changes: Any) -> LoKrConfig:
-        return replace(self, **changes)
 
     def describe(self) -> str:
         return _describe(self, "LoKr", " decompose_both" if self.decompose_both else "")

@@ -12,13 +12,13 @@ viewed as (num_layers * 2, kv_heads, head_dim), layer i's key at 2i and value at
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ... import hf
+from ...record import HookedHolder
 from .config import PrefixConfig, PrefixGeometry, refuse_checkpointing
 
 
@@ -62,11 +62,12 @@ class PrefixEncoder(nn.Module):
                 f"kv_heads={g.num_heads}, head_dim={g.head_dim}, projection_dim={self.config.projection_dim}")
 
 
-class PrefixAdapters(nn.Module):
+class PrefixAdapters(HookedHolder):
     """Registered on the model as `peftkit_prefix`: the named prefixes, which one is active, and the hooks."""
 
-    peftkit_container = True  # holds adapter weights: not a module tree for LoRA targeting to descend into
-    peftkit_holder = True  # the peftkit.record.AdapterHolder protocol
+    TOGETHER = "prefixes {names} cannot be active together: a model takes one prefix at a time"
+    PER_ROW = ("per_row cannot give rows different prefixes (a prefix fills the whole batch's cache); run each "
+               "prefix's rows as their own batch")
 
     def __init__(self, model: nn.Module, geometry: PrefixGeometry) -> None:
         super().__init__()
@@ -74,50 +75,7 @@ class PrefixAdapters(nn.Module):
         self.geometry = geometry
         self.current: str | None = None  # the prefix in use (at most one)
         self.enabled = True
-        self.cache_arg = hf.cache_arg(model)
-        self.positional = [p.name for p in inspect.signature(model.forward).parameters.values()
-                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        self.handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                        model.register_forward_hook(self._after_forward, with_kwargs=True)]
-
-    # --- the holder protocol (peftkit.record.AdapterHolder) ----------------------------------------
-    @property
-    def active(self) -> tuple[str, ...]:
-        return (self.current,) if self.current is not None else ()
-
-    @property
-    def disabled(self) -> bool:
-        return not self.enabled
-
-    def adapter_names(self) -> list[str]:
-        return list(self.encoders.keys())
-
-    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return list(self.encoders[name].parameters())
-
-    def set_active(self, names: tuple[str, ...]) -> None:
-        mine = [n for n in names if n in self.encoders]
-        if len(mine) > 1:
-            raise ValueError(f"prefixes {mine} cannot be active together: a model takes one prefix at a time")
-        self.current = mine[0] if mine else None
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.enabled = not disabled
-
-    def set_rows(self, rows: list[str | None] | None) -> None:
-        if rows is not None and any(n in self.encoders for n in rows):
-            raise ValueError("per_row cannot give rows different prefixes (a prefix fills the whole batch's cache); "
-                             "run each prefix's rows as their own batch")
-
-    def delete_adapter(self, name: str) -> None:
-        del self.encoders[name]
-        if self.current == name:
-            self.current = None
-
-    def release(self) -> None:
-        """Remove the forward hooks (the container is about to leave the model)."""
-        for handle in self.handles:
-            handle.remove()
+        self.hook_model(model, hf.cache_arg(model))
 
     def _before_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self.enabled or self.current is None:
@@ -125,14 +83,7 @@ class PrefixAdapters(nn.Module):
             if getattr(cache, "peftkit_prefix", None) is not None and cache.get_seq_length():
                 raise ValueError(f"this cache holds prefix {cache.peftkit_prefix!r}, which is not active now")
             return None
-        if len(args) > len(self.positional):
-            raise TypeError(f"{type(model).__name__}.forward got {len(args)} positional arguments")
-        kw = dict(zip(self.positional, args))
-        kw.update(kwargs)
-        if self.cache_arg != "past_key_values" and "past_key_values" in kw:  # transformers' deprecated name
-            if kw.get(self.cache_arg) is not None:
-                raise ValueError("pass either `cache` or `past_key_values`, not both")
-            kw[self.cache_arg] = kw.pop("past_key_values")
+        kw = self.forward_arguments(model, args, kwargs)
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         if x is None:
             raise ValueError("the prefix needs input_ids or inputs_embeds to know the batch size")

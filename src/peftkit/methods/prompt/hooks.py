@@ -16,75 +16,33 @@ than the same row alone, where peftkit's rows equal the rows alone.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ... import hf
+from ...record import HookedHolder
 from .encoders import VirtualTokens
 
 IGNORE_INDEX = -100
 
 
-class PromptAdapters(nn.Module):
+class PromptAdapters(HookedHolder):
     """The named adapters' virtual tokens, which one is active (at most one), and the model's two hooks."""
 
-    peftkit_container = True  # holds adapter weights: not a module tree for LoRA targeting to descend into
-    peftkit_holder = True  # the peftkit.record.AdapterHolder protocol
+    TOGETHER = ("prompt adapters {names} cannot be active together: a model takes one set of virtual tokens at a "
+                "time; activate one of them")
+    PER_ROW = ("per_row cannot give rows different prompt adapters (their virtual tokens lengthen every row); run "
+               "each prompt adapter's rows as their own batch")
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict()
         self.current: str | None = None
         self.enabled = True
-        self.cache_arg = hf.cache_arg(model)
-        self.positional = [p.name for p in inspect.signature(model.forward).parameters.values()
-                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.starting = False  # the call in progress put virtual tokens in front (the after-hook marks its cache)
-        self.handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                        model.register_forward_hook(self._after_forward, with_kwargs=True)]
-
-    # --- the holder protocol (peftkit.record.AdapterHolder) ----------------------------------------
-    @property
-    def active(self) -> tuple[str, ...]:
-        return (self.current,) if self.current is not None else ()
-
-    @property
-    def disabled(self) -> bool:
-        return not self.enabled
-
-    def adapter_names(self) -> list[str]:
-        return list(self.encoders.keys())
-
-    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return list(self.encoders[name].parameters())
-
-    def set_active(self, names: tuple[str, ...]) -> None:
-        mine = [n for n in names if n in self.encoders]
-        if len(mine) > 1:
-            raise ValueError(f"prompt adapters {mine} cannot be active together: a model takes one set of virtual "
-                             "tokens at a time; activate one of them")
-        self.current = mine[0] if mine else None
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.enabled = not disabled
-
-    def set_rows(self, rows: list[str | None] | None) -> None:
-        if rows is not None and any(n in self.encoders for n in rows):
-            raise ValueError("per_row cannot give rows different prompt adapters (their virtual tokens lengthen "
-                             "every row); run each prompt adapter's rows as their own batch")
-
-    def delete_adapter(self, name: str) -> None:
-        del self.encoders[name]
-        if self.current == name:
-            self.current = None
-
-    def release(self) -> None:
-        """Remove the forward hooks (the container is about to leave the model)."""
-        for handle in self.handles:
-            handle.remove()
+        self.hook_model(model, hf.cache_arg(model))
 
     def in_front(self) -> int:
         """Virtual tokens the next call that starts a sequence gets (0 when none is active or all are off)."""
@@ -93,17 +51,6 @@ class PromptAdapters(nn.Module):
         return self.encoders[self.current].config.num_virtual_tokens
 
     # --- the hooks ----------------------------------------------------------------------------------
-    def _arguments(self, model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-        if len(args) > len(self.positional):
-            raise TypeError(f"{type(model).__name__}.forward got {len(args)} positional arguments")
-        kw = dict(zip(self.positional, args))
-        kw.update(kwargs)
-        if self.cache_arg not in (None, "past_key_values") and "past_key_values" in kw:  # the deprecated name
-            if kw.get(self.cache_arg) is not None:
-                raise ValueError("pass either `cache` or `past_key_values`, not both")
-            kw[self.cache_arg] = kw.pop("past_key_values")
-        return kw
-
     def _before_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self.starting = False
         cache = kwargs.get(self.cache_arg) if self.cache_arg else None
@@ -114,7 +61,7 @@ class PromptAdapters(nn.Module):
                 raise ValueError(f"this cache holds the virtual tokens of prompt adapter {held!r}, which is not "
                                  "active now; start from an empty cache")
             return None
-        kw = self._arguments(model, args, kwargs)
+        kw = self.forward_arguments(model, args, kwargs)
         cache = kw.get(self.cache_arg) if self.cache_arg else None
         p = self.in_front()
         if cache is None or cache.get_seq_length() == 0:
