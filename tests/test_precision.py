@@ -40,13 +40,37 @@ def test_auto_follows_the_device_facts(device, flags, cuda_bf16, want, said):
 
 def test_an_explicit_dtype_wins_and_a_bad_one_is_refused_naming_the_choices():
     for name in precision.DTYPES:
-        assert precision.choose_dtype(name, "cpu", ["amx_bf16"]).as_dict() == {"dtype": name,
-                                                                              "dtype_reason": f"--dtype {name}"}
+        assert precision.choose_dtype(name, "cpu", ["amx_bf16", "amx_fp16"]).as_dict() == {
+            "dtype": name, "dtype_reason": f"--dtype {name}"}
     assert precision.resolve_dtype("float16").torch_dtype() is torch.float16
     with pytest.raises(ValueError, match="auto, float32, bfloat16, float16"):
         precision.choose_dtype("bf16", "cpu")
     with pytest.raises(ValueError, match="not a torch device.*cuda:N"):
         precision.resolve_dtype("auto", "gpu0")
+
+
+@pytest.mark.parametrize("name, flags, warned", [
+    ("bfloat16", AVX2.split(), True),
+    ("bfloat16", [*AVX2.split(), "avx512_bf16"], False),
+    ("float16", [*AVX2.split(), "amx_bf16"], True),  # bf16 units do not make float16 fast
+    ("float16", [*AVX2.split(), "avx512_fp16"], False),
+    ("float32", AVX2.split(), False),
+    ("bfloat16", None, False),  # unknown flags: nothing to warn about
+])
+def test_an_explicit_16_bit_dtype_on_a_cpu_without_its_units_is_kept_with_a_warning(name, flags, warned):
+    choice = precision.choose_dtype(name, "cpu", flags)
+    assert choice.dtype == name and choice.reason.startswith(f"--dtype {name}")
+    assert ("warning" in choice.reason) is warned
+    if warned:
+        assert "slower than float32" in choice.reason and "auto picks float32" in choice.reason
+    assert "warning" not in precision.choose_dtype(name, "cuda", flags).reason
+
+
+def test_resolve_warns_of_an_explicit_bf16_by_this_machines_own_flags():
+    flags = precision.cpu_flags()
+    choice = precision.resolve_dtype("bfloat16", "cpu")
+    assert choice.dtype == "bfloat16"
+    assert ("warning" in choice.reason) is (flags is not None and not set(precision.CPU_BF16_FLAGS) & flags)
 
 
 def test_cpu_flags_are_read_from_cpuinfo_text_and_files(tmp_path):

@@ -24,6 +24,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 CHOICES = ("auto", *DTYPES)
 # CPU flags (as /proc/cpuinfo names them) whose presence makes bfloat16 matmuls fast
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# the same for float16 (Sapphire Rapids' AVX512-FP16, Granite Rapids' AMX-FP16)
+CPU_FP16_FLAGS = ("amx_fp16", "avx512_fp16")
+_CPU_FAST = {"bfloat16": CPU_BF16_FLAGS, "float16": CPU_FP16_FLAGS}
 _CPUINFO_MAX_LINES = 100_000  # a machine's first processor block is a few dozen lines; never read a huge file
 
 
@@ -78,7 +81,10 @@ def choose_dtype(requested: str, device_type: str, cpu_flags: Iterable[str] | No
     if requested not in CHOICES:
         raise ValueError(f"dtype {requested!r} is not one of {', '.join(CHOICES)}; use auto to let peftkit choose")
     if requested != "auto":
-        return DtypeChoice(requested, f"--dtype {requested}")
+        slow = device_type == "cpu" and _lacks_units(requested, cpu_flags)
+        return DtypeChoice(requested, f"--dtype {requested}" + (
+            f"; warning: this CPU has neither {' nor '.join(_CPU_FAST[requested])}, so {requested} matmuls run "
+            "many times slower than float32 here (--dtype auto picks float32)" if slow else ""))
     if device_type == "cuda":
         if cuda_bf16:
             return DtypeChoice("bfloat16", "auto: the CUDA device supports bfloat16")
@@ -92,6 +98,13 @@ def choose_dtype(requested: str, device_type: str, cpu_flags: Iterable[str] | No
         return DtypeChoice("bfloat16", f"auto: the CPU has {' and '.join(fast)}")
     return DtypeChoice("float32", "auto: the CPU has neither amx_bf16 nor avx512_bf16, so bfloat16 matmuls "
                        "would be slower than float32 here")
+
+
+def _lacks_units(dtype: str, cpu_flags: Iterable[str] | None) -> bool:
+    """Whether a CPU with these flags (None: unknown, so not known to lack them) has no matrix units for
+    `dtype`'s matmuls (float32 needs none)."""
+    wanted = _CPU_FAST.get(dtype)
+    return bool(wanted) and cpu_flags is not None and not set(wanted) & set(cpu_flags)
 
 
 def default_device() -> str:
@@ -114,8 +127,6 @@ def _cuda_bf16(device: Any) -> bool:
 def resolve_dtype(requested: str, device: Any = None) -> DtypeChoice:
     """`choose_dtype` with this machine's facts for `device` (a torch.device or a string such as 'cpu',
     'cuda:1'; default: cuda when available, else cpu)."""
-    if requested != "auto":
-        return choose_dtype(requested, "cpu")
     import torch
 
     try:
@@ -123,6 +134,8 @@ def resolve_dtype(requested: str, device: Any = None) -> DtypeChoice:
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device {device!r} is not a torch device ({err}); use cpu, cuda or cuda:N") from None
     flags = cpu_flags() if device.type == "cpu" else None
+    if requested != "auto":
+        return choose_dtype(requested, device.type, flags)
     return choose_dtype("auto", device.type, flags, _cuda_bf16(device) if device.type == "cuda" else False)
 
 
