@@ -24,9 +24,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .loop import train
     from .process import configure_process
     from .report import format_summary
+    from .stop import Stopped, StopRequests
 
     configure_process(o, init_distributed(o.device))  # threads and allocator: the command's, not train()'s
-    summary = train(o)
+    try:
+        with StopRequests() as stop:  # Ctrl-C / SIGTERM: checkpoint the step under way, then stop (stop.py)
+            summary = train(o, stop)
+    except Stopped as stopped:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"peftkit train: {stopped.describe()}", file=sys.stderr, flush=True)
+        return stopped.exit_code
     if summary:
         print(format_summary(summary))
         if summary.get("exact_match_after") is not None and o.builtin:

@@ -259,6 +259,15 @@ def shard_frozen_base(model: nn.Module, dist: Dist, layer_classes: tuple[type, .
                            "uses nccl") from err
 
 
+def reduce_max(value: float, dist: Dist) -> float:
+    """The largest of a scalar over ranks (a flag any rank raised); the value itself with one process."""
+    if not dist.enabled:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=dist.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t.item()
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `peftkit <argv>` on `nproc` processes under torchrun on this machine; return its exit status.
 
@@ -273,6 +282,7 @@ def launch(nproc: int, argv: list[str]) -> int:
                          "would launch again")
     # torchrun's own command-line parser would take peftkit's options for abbreviations of its own (--r is
     # "ambiguous" there), so use its launcher API: the children get `python -m peftkit.cli <argv>` verbatim.
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -283,4 +293,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as err:
         codes = [f.exitcode for f in err.failures.values() if f.exitcode]
         return codes[0] if codes else 1
+    except SignalException as err:  # Ctrl-C or SIGTERM here: the launcher passed it on to the children (stop.py)
+        return 128 + int(err.sigval)
     return 0

@@ -10,6 +10,7 @@ batch, so 1 process and N processes follow the same loss curve. Rank 0 writes ev
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -25,28 +26,32 @@ from .method import after_optimizer_step, describe_method, inject_method, loss_e
 from .options import TrainOptions
 from .recipe import lr_lambda, make_optimizer
 from .run import Run
+from .checkpoints import latest_checkpoint
 from .scoring import exact_match, validation_loss
+from .stop import Stopped, StopRequests, agreed_signal
 
 # names other modules and scripts import from here
 __all__ = ["train", "train_step", "make_optimizer", "lr_lambda", "inject_method", "describe_method",
            "validation_loss", "exact_match"]
 
 
-def train(o: TrainOptions) -> dict:
+def train(o: TrainOptions, stop: StopRequests | None = None) -> dict:
     """Run training as the options say; returns the run summary (also written to summary.json) on the main
     process, {} on the others. It changes no process-wide setting (CPU threads, the allocator):
-    `peftkit train` makes those first with `process.configure_process`."""
+    `peftkit train` makes those first with `process.configure_process`. `stop` (an open `stop.StopRequests`, as
+    `peftkit train` passes): a first Ctrl-C or SIGTERM during the step loop checkpoints the step under way and
+    raises `stop.Stopped` (stop.py)."""
     started = time.perf_counter()
     run = recipe.setup(o)
     tracker = recipe.open_tracking(run)  # --report-to: every metrics row goes to metrics.jsonl and the tracker
     try:
-        return _train(run, tracker, started)
-    except BaseException as error:  # the tracking runs end FAILED (KILLED on Ctrl-C), not left running
+        return _train(run, tracker, started, stop)
+    except BaseException as error:  # the tracking runs end FAILED (KILLED on Ctrl-C or a stop), not left running
         tracker.close(error)
         raise
 
 
-def _train(run: Run, tracker: tracking.Tracker, started: float) -> dict:
+def _train(run: Run, tracker: tracking.Tracker, started: float, stop: StopRequests | None = None) -> dict:
     """`train` after setup: the base's score, the step loop, the finish stages."""
     o = run.o
     run.scorer.before_training(run.model)
@@ -61,27 +66,52 @@ def _train(run: Run, tracker: tracking.Tracker, started: float) -> dict:
     bar = _progress(o, run.dist.is_main, run.start_step, total)
     t_train = time.perf_counter()
     seconds_before = _prior_seconds(metrics) if run.resumed else 0.0
-    for step in range(run.start_step, total):
-        t0 = time.perf_counter()
-        result = train_step(run, step)
-        dt = time.perf_counter() - t0
-        row = {"step": step + 1, "loss": round(result.loss, 6), "lr": result.lr,
-               "tokens_per_s": round(result.tokens / dt, 1),
-               "memory_mb": round(report.peak_memory_mb(run.dist.device), 1),
-               "epoch": round(run.data.order.epoch_of(step), 4), "grad_norm": result.grad_norm,
-               "seconds": round(seconds_before + time.perf_counter() - t_train, 2)}
-        if _due(o.eval_every, step + 1, total):
-            row["val_loss"] = recipe.validate(run)
-        metrics.log(**row)
-        tracker.log(row)
-        if bar is not None:
-            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / dt:.0f}", refresh=False)
-            bar.update(1)
-        if _due(o.save_every, step + 1, total):
-            recipe.save_checkpoint(run, step + 1)
+    with stop.graceful() if stop is not None else contextlib.nullcontext():
+        for step in range(run.start_step, total):
+            _stop_if_asked(run, stop, step, saved=step > run.start_step and _due(o.save_every, step, total), bar=bar)
+            _one_step(run, step, metrics, tracker, bar, seconds_before, t_train)
+        _stop_if_asked(run, stop, total, saved=False, bar=bar)
     if bar is not None:
         bar.close()
     return recipe.finish(run, metrics, seconds_before + time.perf_counter() - t_train, started, tracker)
+
+
+def _one_step(run: Run, step: int, metrics: report.Metrics, tracker: tracking.Tracker, bar, seconds_before: float,
+              t_train: float) -> None:
+    """A step of the loop and what follows it: its metrics row, the progress bar, a periodic checkpoint."""
+    o, total = run.o, run.data.total_steps
+    t0 = time.perf_counter()
+    result = train_step(run, step)
+    dt = time.perf_counter() - t0
+    row = {"step": step + 1, "loss": round(result.loss, 6), "lr": result.lr,
+           "tokens_per_s": round(result.tokens / dt, 1),
+           "memory_mb": round(report.peak_memory_mb(run.dist.device), 1),
+           "epoch": round(run.data.order.epoch_of(step), 4), "grad_norm": result.grad_norm,
+           "seconds": round(seconds_before + time.perf_counter() - t_train, 2)}
+    if _due(o.eval_every, step + 1, total):
+        row["val_loss"] = recipe.validate(run)
+    metrics.log(**row)
+    tracker.log(row)
+    if bar is not None:
+        bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / dt:.0f}", refresh=False)
+        bar.update(1)
+    if _due(o.save_every, step + 1, total):
+        recipe.save_checkpoint(run, step + 1)
+
+
+def _stop_if_asked(run: Run, stop: StopRequests | None, done: int, saved: bool, bar) -> None:
+    """Before a step (and after the last): when any rank was signalled, write a checkpoint after the `done` steps
+    finished so far (unless the periodic one just did, or nothing ran yet in this process) and raise Stopped."""
+    signum = agreed_signal(stop, lambda v: dist_mod.reduce_max(v, run.dist))
+    if not signum:
+        return
+    if bar is not None:
+        bar.close()
+    first = run.start_step
+    if done > first and not saved:
+        recipe.save_checkpoint(run, done)
+    checkpoint = latest_checkpoint(run.out) if done > first or run.resumed else None
+    raise Stopped(signum, done if checkpoint else first, run.data.total_steps, checkpoint, run.out)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,108 @@
+"""Stopping `peftkit train` cleanly on Ctrl-C or SIGTERM (a job scheduler's preemption, `kill`, a closed session).
+
+While the step loop runs, the first SIGINT or SIGTERM only sets a flag: the step under way finishes, a checkpoint of
+it is written, the tracking runs end KILLED, and `train` raises `Stopped` (a KeyboardInterrupt), which the command
+turns into a line saying how to continue (`--resume latest`) and exit status 128 + the signal's number (130 for
+Ctrl-C, 143 for SIGTERM). The same signal a second time stops at once. Outside the loop (loading, scoring, the
+finish stages) a signal stops at once, also as `Stopped`, so the tracking runs still end KILLED rather than being
+left running. With more than one process the ranks agree after each step (a max over ranks), so all stop after
+the same step and write one checkpoint together.
+
+Signal handlers belong to the main thread: `StopRequests` installs its handlers only there, and elsewhere (train()
+called from a worker thread) changes nothing. Only the `peftkit train` command installs it; `train(o)` from
+Python and sweep trials keep Python's own behaviour unless they pass one.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(KeyboardInterrupt):
+    """`train` stopped by a signal. `checkpoint`: the checkpoint that holds the last finished step (None when the
+    stop came before any step of this process, or at once, outside the step loop)."""
+
+    def __init__(self, signum: int, step: int | None = None, total: int | None = None,
+                 checkpoint: Path | None = None, run_dir: Path | None = None) -> None:
+        self.signum, self.step, self.total, self.checkpoint, self.run_dir = signum, step, total, checkpoint, run_dir
+        super().__init__(self.describe())
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + its number."""
+        return 128 + int(self.signum)
+
+    def describe(self) -> str:
+        name = signal.Signals(self.signum).name
+        if self.checkpoint is None:
+            return f"stopped by {name}" + (f" before step {self.step + 1} of {self.total}" if self.step is not None
+                                            else "")
+        again = f"peftkit train --output-dir {self.run_dir} --resume latest" if self.run_dir else "--resume latest"
+        return (f"stopped by {name} after step {self.step} of {self.total}; checkpoint {self.checkpoint}; continue "
+                f"with the same options and: {again}")
+
+
+class StopRequests:
+    """A context manager that takes SIGINT and SIGTERM while it is open (main thread only). `graceful()` marks the
+    span where a first signal is only recorded (`signum`); anywhere else a signal raises `Stopped` at once."""
+
+    def __init__(self, out=None) -> None:
+        self.signum: int | None = None
+        self._graceful = False
+        self._previous: dict[int, Any] = {}
+        self._out = out if out is not None else sys.stderr
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    @property
+    def active(self) -> bool:
+        """Whether the handlers are installed (False off the main thread)."""
+        return bool(self._previous)
+
+    @contextmanager
+    def graceful(self) -> Iterator[StopRequests]:
+        """The step loop: inside it a first signal waits for the step to finish."""
+        self._graceful = True
+        try:
+            yield self
+        finally:
+            self._graceful = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if not self._graceful or self.signum == signum:  # outside the loop, or the same signal again: at once
+            self._restore()
+            print(f"peftkit train: {name}: stopping now", file=self._out, flush=True)
+            raise Stopped(signum)
+        if self.signum is None:
+            self.signum = signum
+            print(f"peftkit train: {name} received: finishing this step, then saving a checkpoint and stopping "
+                  f"({name} again stops at once)", file=self._out, flush=True)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+
+def agreed_signal(stop: StopRequests | None, reduce_max) -> int:
+    """The signal any rank received (0: none), the same on every rank: `reduce_max(value) -> float` is the max over
+    ranks (the value itself with one process)."""
+    mine = float(stop.signum or 0) if stop is not None else 0.0
+    return int(reduce_max(mine))
