@@ -104,6 +104,10 @@ class Method(Protocol):
     def load_trainer_state(self, model: nn.Module, names: list[str], state: dict[str, Any]) -> None:
         """Put `trainer_state`'s dict back when a run resumes."""
 
+    # Optional, read through `lr_scale` below: train name -> the learning rate that name trains well at, as a multiple
+    # of LoRA's (its default --lr is LoRA's times this; names it leaves out train at LoRA's)
+    lr_scales: dict[str, float]
+
     # Optional, read through `allocated_ranks` below: a method that chooses its own per-layer ranks while training
     def allocated_ranks(self, config: Any) -> dict[str, int]:
         """Module path -> the rank training left it, from a saved config ({} when nothing was reallocated)."""
@@ -154,6 +158,13 @@ def for_config(config: Any) -> Method:
         known = ", ".join(m.config_class.__name__ for m in _BY_TYPE.values())
         raise TypeError(f"inject expects an adapter config ({known}), got {type(config).__name__}")
     return method
+
+
+def lr_scale(train_name: str) -> float:
+    """How much higher than LoRA's a `--method train_name` run's default learning rate is (1.0 for a method without
+    `lr_scales`, and for names no registered method serves, such as 'full')."""
+    method = _BY_TRAIN_NAME.get(train_name)
+    return float(getattr(method, "lr_scales", {}).get(train_name, 1.0)) if method is not None else 1.0
 
 
 def allocated_ranks(config: Any) -> dict[str, int]:

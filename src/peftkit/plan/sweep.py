@@ -89,9 +89,9 @@ def trial_options(base: opts.TrainOptions, c: Candidate, steps: int, out: Path, 
     intermediate checkpoints, a warm-up that suits a short run, validation every `eval_every` steps for the
     pruner, --target-modules only where it means LoRA targets, and no scoring of the base model (the same for
     every trial)."""
-    return base.replace(method=c.method, r=c.r or base.r, lr=c.lr if c.lr is not None else base.lr,
-                        max_steps=steps, output_dir=str(out), warmup_steps=min(base.warmup_steps, steps // 4),
-                        save_every=0, keep_checkpoints=1, eval_every=eval_every, progress=False, overwrite=True,
+    own_lr = {"lr": c.lr} if c.lr is not None else {}  # else the base's --lr, or each method's default when not given
+    return base.replace(method=c.method, r=c.r or base.r, **own_lr, max_steps=steps, output_dir=str(out),
+                        warmup_steps=min(base.warmup_steps, steps // 4), save_every=0, keep_checkpoints=1, eval_every=eval_every, progress=False, overwrite=True,
                         resume=None, nproc=1, score_base=False,
                         target_modules=base.target_modules if c.method in RANKED_METHODS else "all-linear")
 

@@ -59,7 +59,9 @@ class TrainOptions:
     prefix_projection: int | None = _opt(None, "prefix only: train the prefix through an MLP of this width "
                                          "(folded away when saving)", same_run=True)
     # optimisation
-    lr: float = _opt(2e-4, "peak learning rate (AdamW)", same_run=True)
+    lr: float = _opt(2e-4, "peak learning rate (AdamW); when not given, a method that trains well only at a higher "
+                     "rate (LoHa, LoKr, IA3, VeRA, prompt tuning) takes a multiple of the default, said in the run's "
+                     "header", same_run=True)
     weight_decay: float = _opt(0.0, "AdamW weight decay", same_run=True)
     warmup_steps: int = _opt(10, "linear warm-up steps from 0 to --lr; when not given and more than 10%% of a short "
                              "run's steps, shortened to 10%% of them (and said)", same_run=True)
@@ -113,6 +115,9 @@ class TrainOptions:
     # not an option: True when --warmup-steps was chosen (flag, YAML file, `build` or `replace`), so a short run
     # keeps it (and is warned) instead of having the default shortened; set by `build` and `replace`
     warmup_given: bool = field(default=False, metadata={"internal": True})
+    # not an option: True when --lr was chosen; otherwise `lr` is the default times the method's scale
+    # (registry.lr_scale), and `replace(method=...)` moves it to the new method's scale
+    lr_given: bool = field(default=False, metadata={"internal": True})
 
     def __post_init__(self) -> None:
         # one form however the names came: a list (YAML, JSON) or "a,b" (Python); unknown names are refused
@@ -125,7 +130,19 @@ class TrainOptions:
     def replace(self, **changes: Any) -> TrainOptions:
         if "warmup_steps" in changes:
             changes.setdefault("warmup_given", True)
+        if "lr" in changes:
+            changes.setdefault("lr_given", True)
+        elif "method" in changes and not self.lr_given and not changes.get("lr_given"):
+            changes["lr"] = self.lr / registry.lr_scale(self.method) * registry.lr_scale(changes["method"])
         return dataclasses.replace(self, **changes)
+
+    def lr_note(self) -> str | None:
+        """A line for the header when --lr is the method's own default rather than LoRA's, else None."""
+        scale = registry.lr_scale(self.method)
+        if self.lr_given or scale == 1.0:
+            return None
+        return (f"lr {self.lr:.3g}: {self.method}'s default, {scale:g}x LoRA's {self.lr / scale:.3g} "
+                f"(--lr to choose)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,6 +237,9 @@ def build(overrides: dict[str, Any] | None = None, config_file: str | None = Non
     merged.update(from_file)
     merged.update(overrides)
     merged["warmup_given"] = "warmup_steps" in from_file or "warmup_steps" in overrides
+    merged["lr_given"] = "lr" in from_file or "lr" in overrides
+    if not merged["lr_given"]:
+        merged["lr"] = merged.get("lr", FIELDS["lr"].default) * registry.lr_scale(merged.get("method", "lora"))
     options = TrainOptions(**merged)
     validate(options)
     return options

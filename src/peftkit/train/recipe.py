@@ -196,6 +196,8 @@ def announce(run: Run) -> None:
     note = effective_warmup(o, d.total_steps)[1]
     if note:
         print(f"peftkit train: {note}", file=sys.stderr if note.startswith("WARNING") else sys.stdout, flush=True)
+    if o.lr_note():
+        print(f"peftkit train: {o.lr_note()}", flush=True)
     print(f"peftkit train: trainable {run.trainable_params:,} of {run.total_params:,} parameters "
           f"({100 * run.trainable_params / run.total_params:.3f}%)", flush=True)
     if run.precision:

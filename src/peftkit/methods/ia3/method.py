@@ -25,7 +25,9 @@ class IA3Method:
     peft_type = "IA3"
     config_class = IA3Config
     train_names = ("ia3",)
-    train_help = {"ia3": "learned scaling vectors on keys, values and the feed-forward input (IA3)"}
+    train_help = {"ia3": "learned scaling vectors on keys, values and the feed-forward input (IA3; its default "
+                         "--lr is 5x LoRA's)"}
+    lr_scales = {"ia3": 5.0}  # scaling vectors around 1 need a higher rate than LoRA's factors
     merge_refusal = None
     file_key_prefix = PREFIX
     ranked = False  # no rank: the planner's and sweep's rank candidates leave it out

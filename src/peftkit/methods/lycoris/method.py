@@ -36,6 +36,8 @@ class LycorisMethod:
         self.config_class = config_class
         self.train_names = (family.peft_type.lower(),)
         self.train_help = {self.train_names[0]: train_help}
+        # the default --lr: 5x LoRA's (on the built-in task 1e-2 reached 98% / 97% exact match, LoRA's 2e-3 14% / 26%)
+        self.lr_scales = {self.train_names[0]: 5.0}
         self.plan = PlanTerms(family, config_class)
 
     def read_config(self, data: dict[str, Any]) -> Any:

@@ -51,8 +51,9 @@ class PromptMethod:
     nf4_train_names = ()
 
     def __init__(self, peft_type: str, config_class: type, train_help: dict[str, str],
-                 encoders: dict[str, str | None]) -> None:
+                 encoders: dict[str, str | None], lr_scales: dict[str, float] | None = None) -> None:
         self.peft_type, self.config_class, self.train_help = peft_type, config_class, train_help
+        self.lr_scales = dict(lr_scales or {})  # train name -> default --lr as a multiple of LoRA's
         self.train_names = tuple(train_help)
         self.encoders = encoders  # train name -> P-tuning's encoder type (None: prompt tuning)
         self.plan = PromptPlan(encoders)
@@ -146,8 +147,9 @@ class PromptMethod:
 
 PROMPT_METHOD = PromptMethod(PROMPT_TUNING, PromptTuningConfig,
                              {"prompt": "prompt tuning: trained virtual tokens before the input "
-                                        "(--num-virtual-tokens)"},
-                             {"prompt": None})
+                                        "(--num-virtual-tokens; its default --lr is 15x LoRA's)"},
+                             {"prompt": None},
+                             {"prompt": 15.0})  # embeddings alone train at a high rate (PEFT's examples: 3e-2)
 PTUNING_METHOD = PromptMethod(P_TUNING, PromptEncoderConfig,
                               {"ptuning": "P-tuning: virtual tokens through an MLP encoder (--num-virtual-tokens; "
                                           "--prefix-projection sets the encoder width)",

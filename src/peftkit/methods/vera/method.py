@@ -33,7 +33,8 @@ class VeraMethod:
     config_class = VeraConfig
     train_names = ("vera",)
     train_help = {"vera": "shared frozen random projections with trained scaling vectors (VeRA; use a large "
-                          "--r such as 256 and a high --lr such as 1e-2)"}
+                          "--r such as 256; its default --lr is 5x LoRA's)"}
+    lr_scales = {"vera": 5.0}  # scaling vectors train at a high rate (VeRA's paper uses about 1e-2)
     merge_refusal = None
     file_key_prefix = ""  # whole keys: the shared projections sit under base_model., not base_model.model. (io.py)
     ranked = True  # has a rank and target layers (the planner's and sweep's rank candidates)
