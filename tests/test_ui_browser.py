@@ -244,3 +244,15 @@ def test_playground_streams_the_base_and_two_adapters_side_by_side(browser, cons
     no_page_error(browser)
     shot(browser, "playground")
 
+
+
+def test_a_console_with_a_token_opens_from_its_printed_address_and_hides_the_token(browser, folder):
+    token = "browser-test-token-0123456789"
+    with Served(create_app(folder["root"], token=token)) as served:
+        browser.get(served.url + "/#runs")
+        assert "access token" in browser.find_element(By.TAG_NAME, "body").text  # the 401's JSON, no console
+        browser.get(f"{served.url}/?token={token}#runs")
+        wait(browser, lambda d: len(css(d, "#runs-table tbody tr")) == 3)  # the page's own API calls pass too
+        assert "token" not in browser.current_url  # redirected without it
+        assert token not in browser.execute_script("return document.cookie")  # HttpOnly: no script reads it
+    browser.delete_all_cookies()

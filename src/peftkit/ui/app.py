@@ -22,6 +22,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from ..serve.limits import BodyLimit
 from . import api_play, api_plan, api_runs, api_sweeps
 from .api_play import Playground
+from .auth import TokenGate
 from .folder import Folder, UiError
 
 STATIC = Path(__file__).parent / "static"
@@ -55,10 +56,12 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(root: str | Path, playground: Playground | None = None,
-               allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS, max_body_bytes: int = MAX_BODY_BYTES,
+               token: str | None = None, token_cookie: str = "peftkit_ui_token") -> FastAPI:
     """The console over the folder `root`. allowed_hosts: the Host headers answered (loopback names by default,
     so a web page cannot reach the console through DNS rebinding); None answers any (with --allow-remote).
-    A local playground's engine is started with the app and closed after it."""
+    token: every request must carry it (auth.py; --token, made for --allow-remote). A local playground's engine
+    is started with the app and closed after it."""
     folder = Folder(root)
     play = playground or Playground()
 
@@ -75,9 +78,11 @@ def create_app(root: str | Path, playground: Playground | None = None,
                 play.engine.close()
 
     app = FastAPI(title="peftkit ui", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.folder, app.state.playground, app.state.relay = folder, play, None
+    app.state.folder, app.state.playground, app.state.relay, app.state.token = folder, play, None, token
     app.add_middleware(BodyLimit, limit=max_body_bytes)
-    if allowed_hosts is not None:
+    if token is not None:
+        app.add_middleware(TokenGate, token=token, cookie=token_cookie)
+    if allowed_hosts is not None:  # added last, so it runs first
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     add_error_handlers(app)
     for router in (api_runs.router, api_sweeps.router, api_plan.router, api_play.router):

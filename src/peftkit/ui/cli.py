@@ -11,11 +11,14 @@ DEFAULT_PORT = 7860
 def check_args(args: argparse.Namespace) -> None:
     """Refuse contradictory or unsafe flags before anything loads (the command exits 2 naming the flag)."""
     from ..serve.cli import is_loopback
+    from .auth import check_token
 
     if not is_loopback(args.host) and not args.allow_remote:
         raise ValueError(f"--host {args.host} is not a loopback address; the console shows your files and runs "
-                         "prompts without authentication, so pass --allow-remote as well to listen there "
-                         "(or keep 127.0.0.1)")
+                         "prompts, so pass --allow-remote as well to listen there (requests then need an access "
+                         "token), or keep 127.0.0.1")
+    if args.token is not None:
+        check_token(args.token)
     if args.serve_url and args.model:
         raise ValueError("--serve-url and --model both choose the playground's backend; give one of them")
     if (args.adapter or args.adapter_dir) and not args.model:
@@ -25,7 +28,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-tokens must be between 1 and 4096, got {args.max_tokens}")
 
 
-def build(args: argparse.Namespace):
+def build(args: argparse.Namespace, port: int = DEFAULT_PORT):
     """The console's app from the parsed flags."""
     try:
         from .api_play import Playground, check_serve_url, local_playground
@@ -48,7 +51,20 @@ def build(args: argparse.Namespace):
               + (f" ({', '.join(play.adapters[:8])}{', ...' if len(play.adapters) > 8 else ''})"
                  if play.adapters else ""), flush=True)
     hosts = None if args.allow_remote else LOOPBACK_HOSTS
-    return create_app(folder.root, play, allowed_hosts=hosts)
+    return create_app(folder.root, play, allowed_hosts=hosts, token=access_token(args),
+                      token_cookie=f"peftkit_ui_token_{port}")
+
+
+def access_token(args: argparse.Namespace) -> str | None:
+    """--token, else $PEFTKIT_UI_TOKEN, else (with --allow-remote) a new random one; None on loopback without one."""
+    import os
+
+    from .auth import check_token, new_token
+
+    given = args.token if args.token is not None else os.environ.get("PEFTKIT_UI_TOKEN") or None
+    if given is not None:
+        return check_token(given)
+    return new_token() if args.allow_remote else None
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
@@ -60,17 +76,19 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise RuntimeError(f"the console needs uvicorn ({err}); install it with pip install 'peftkit[ui]'") from None
     sock = bind(args.host, args.port)  # a busy port fails now, before a model loads
+    host, port = sock.getsockname()[:2]
     try:
-        app = build(args)
+        app = build(args, port)
     except BaseException:
         sock.close()
         raise
-    host, port = sock.getsockname()[:2]
+    token = app.state.token
     if args.allow_remote:
-        print(f"peftkit ui: WARNING: listening on {host}, reachable from other machines without a password",
-              file=sys.stderr)
-    print(f"peftkit ui: {app.state.folder.root} at http://{'[' + host + ']' if ':' in host else host}:{port}/ "
-          "(Ctrl-C stops)", flush=True)
+        print(f"peftkit ui: WARNING: listening on {host}, reachable from other machines; every request needs the "
+              "access token in the address below (keep it private)", file=sys.stderr)
+    query = f"?token={token}" if token else ""
+    print(f"peftkit ui: {app.state.folder.root} at http://{'[' + host + ']' if ':' in host else host}:{port}/"
+          f"{query} (Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3))
     try:
         server.run(sockets=[sock])
@@ -98,7 +116,11 @@ def add_ui_command(sub) -> None:
                    "sweeps (peftkit sweep --output-dir), at any depth up to 4")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; non-loopback needs --allow-remote")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free port, printed at start)")
-    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (no authentication)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host; every request then "
+                   "needs an access token (--token, or one made and printed in the console's address)")
+    p.add_argument("--token", default=None, help="access token the browser (cookie, set by opening the printed "
+                   "address) or a script (header `Authorization: Bearer TOKEN`) must present; 16 to 256 letters, "
+                   "digits, - _ . ~ (default: $PEFTKIT_UI_TOKEN; with --allow-remote, a new random one)")
     p.add_argument("--serve-url", default=None, metavar="URL",
                    help="playground: relay prompts to this running `peftkit serve` (loopback only)")
     p.add_argument("--model", default=None, help="playground: load this base here ('smollm2', a transformers "
