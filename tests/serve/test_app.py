@@ -368,6 +368,25 @@ def test_admin_needs_the_bearer_token(serve):
     assert httpx.post(url + "/..%2Fx/load", headers=auth).status_code == 404  # never reaches a name
 
 
+def test_api_key_guards_the_v1_endpoints_for_openai_clients_and_leaves_probes_open(serve):
+    server, _ = serve(api_key="k3y-for-v1", admin_token="s3cret")
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0, timeout=20)
+    with pytest.raises(openai.AuthenticationError, match="--api-key"):
+        bad.completions.create(model="tiny", prompt="Say hi", max_tokens=5)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    for headers in ({}, {"Authorization": "k3y-for-v1"}, {"Authorization": "Bearer k3y-for-v1x"}):
+        r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": "not a list"},
+                       headers=headers)  # refused before the body is even looked at
+        assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key", headers
+    good = openai.OpenAI(base_url=server.url + "/v1", api_key="k3y-for-v1", max_retries=0, timeout=20)
+    assert good.completions.create(model="tiny", prompt="Say hi", max_tokens=5).choices[0].text
+    assert [m.id for m in good.models.list().data][0] == "tiny"
+    assert httpx.get(server.url + "/health").status_code == 200 and httpx.get(server.url + "/metrics").status_code == 200
+    admin = httpx.get(server.url + "/admin/adapters", headers={"Authorization": "Bearer k3y-for-v1"})
+    assert admin.status_code == 401  # the admin endpoints keep their own token
+
+
 def test_health_and_metrics(serve):
     server, _ = serve()
     c = client(server)

@@ -52,11 +52,20 @@ async def unload(name: str, request: Request):
     return {"name": name, "unloaded": True}
 
 
-def check_bearer(header: str | None, token: str) -> None:
+def check_bearer(header: str | None, token: str, what: str = "admin endpoints", flag: str = "--admin-token"
+                 ) -> None:
     """Raise 401 unless `header` is "Bearer <token>" (the scheme in any case, as RFC 9110 says; the token
-    compared in constant time)."""
+    compared in constant time). `what` and `flag` name the guarded endpoints and the server's option."""
     scheme, _, given = (header or "").strip().partition(" ")
     given = given.strip() if scheme.lower() == "bearer" else ""
     if not given or not hmac.compare_digest(given.encode(), token.encode()):
-        raise ApiError(401, "admin endpoints need the header `Authorization: Bearer <token>` with the server's "
-                       "--admin-token", code="invalid_api_key")
+        raise ApiError(401, f"{what} need the header `Authorization: Bearer <token>` with the server's {flag}",
+                       code="invalid_api_key")
+
+
+def api_key_guard(request: Request) -> None:
+    """An app-wide dependency: with --api-key, the /v1 endpoints need it as a Bearer token (as vLLM's --api-key
+    and OpenAI's clients do); /health and /metrics stay open for probes."""
+    key = getattr(request.app.state, "api_key", None)
+    if key and request.url.path.startswith("/v1/"):
+        check_bearer(request.headers.get("authorization"), key, "the /v1 endpoints", "--api-key")

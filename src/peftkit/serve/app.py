@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from . import routes_completions, routes_models
 from .access import AccessLog, configure_logging
+from .admin import api_key_guard
 from .limits import ERROR_TYPES, ApiError, BodyLimit, CatchErrors, error_response, validation_message
 from .request import QueueFull
 from .schemas import error_body
@@ -31,18 +32,20 @@ from .validate import AdapterError
 
 def create_app(engine, registry, tokenizer, *, model_name: str, context_length: int | None = None,
                stop_token_ids: tuple[int, ...] | list[int] = (), max_tokens_limit: int = 2048,
-               max_body_bytes: int = 1 << 20, admin_token: str | None = None,
+               max_body_bytes: int = 1 << 20, admin_token: str | None = None, api_key: str | None = None,
                log_level: str | int | None = "INFO") -> FastAPI:
     """The FastAPI app serving `engine` (started by the caller, and closed by it after the server stops).
 
     context_length: the model's positions; a prompt plus max_tokens beyond it is refused with 400.
     stop_token_ids: ids that end every reply (eos, end of turn). admin_token: enables /admin/adapters.
+    api_key: the /v1 endpoints need it as a Bearer token (401 otherwise; /health and /metrics stay open).
     log_level: the access and adapter logs go to stderr at this level (access.py), unless the application
     configured the "peftkit.serve" logger already; None leaves logging alone."""
     if log_level is not None:
         configure_logging(log_level)
     app = FastAPI(title="peftkit serve", summary="OpenAI-compatible serving of many LoRA adapters on one base",
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, dependencies=[Depends(api_key_guard)])
+    app.state.api_key = api_key or None
     service = ServeService(engine, registry, tokenizer, model_name=model_name, context_length=context_length,
                            stop_token_ids=stop_token_ids, max_tokens_limit=max_tokens_limit)
     app.state.service = service

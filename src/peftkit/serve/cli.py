@@ -131,7 +131,7 @@ def build_server(args: argparse.Namespace):
     app = create_app(engine, registry, tokenizer, model_name=name,
                      context_length=hf.text_context_length(model),
                      stop_token_ids=tuple(stop_ids(model, tokenizer)), max_tokens_limit=args.max_tokens_limit,
-                     max_body_bytes=args.max_body_bytes, admin_token=args.admin_token)
+                     max_body_bytes=args.max_body_bytes, admin_token=args.admin_token, api_key=args.api_key)
     return app, engine, registry, name
 
 
@@ -140,10 +140,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not is_loopback(args.host):
         if not args.allow_remote:
-            raise ValueError(f"--host {args.host} is not a loopback address; the API has no authentication for "
-                             "generation, so pass --allow-remote as well to listen there (or keep 127.0.0.1)")
-        print(f"peftkit serve: WARNING: listening on {args.host}, reachable from other machines; generation "
-              "needs no credentials", file=sys.stderr)
+            raise ValueError(f"--host {args.host} is not a loopback address; pass --allow-remote as well to listen "
+                             "there (and --api-key, or a proxy in front, so that generation needs credentials), or "
+                             "keep 127.0.0.1")
+        print(f"peftkit serve: WARNING: listening on {args.host}, reachable from other machines; "
+              + ("the /v1 endpoints need the --api-key" if args.api_key else
+                 "generation needs no credentials (set --api-key or $PEFTKIT_API_KEY)"), file=sys.stderr)
     for flag in ("max_loaded", "max_rank", "max_batch", "max_queue", "max_tokens_limit", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -205,7 +207,11 @@ def add_serve_command(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; non-loopback needs --allow-remote")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--allow-remote", action="store_true",
-                   help="allow a non-loopback --host (generation has no authentication: put a proxy in front)")
+                   help="allow a non-loopback --host (with --api-key, or a proxy in front, for credentials)")
+    p.add_argument("--api-key", default=os.environ.get("PEFTKIT_API_KEY") or None,
+                   help="the /v1 endpoints need this as `Authorization: Bearer KEY` (OpenAI clients' api_key; 401 "
+                   "otherwise; /health and /metrics stay open) (default: $PEFTKIT_API_KEY, which keeps it out of "
+                   "the process list; off when neither is given)")
     p.add_argument("--max-loaded", type=int, default=64, help="adapters kept loaded at once (LRU beyond)")
     p.add_argument("--max-rank", type=int, default=64, help="refuse adapters of a higher LoRA rank (422)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together in one forward")
