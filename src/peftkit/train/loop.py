@@ -21,12 +21,12 @@ from .. import tracking
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import recipe, report
+from .checkpoints import latest_checkpoint
 from .loss import sum_token_loss
 from .method import after_optimizer_step, describe_method, inject_method, loss_extra
 from .options import TrainOptions
 from .recipe import lr_lambda, make_optimizer
 from .run import Run
-from .checkpoints import latest_checkpoint
 from .scoring import exact_match, validation_loss
 from .stop import Stopped, StopRequests, agreed_signal
 
