@@ -27,11 +27,13 @@ class AdaLoraMethod:
     config_class = AdaLoraConfig
     train_names = ("adalora",)
     train_help = {"adalora": "LoRA in SVD form whose ranks shrink from --r to 2/3 of it where least important "
-                             "(AdaLoRA)"}
+                             "(AdaLoRA; its default --lr is 5x LoRA's)"}
     merge_refusal = None
     file_key_prefix = PREFIX
     ranked = False  # the sweep's rank candidates and --suggest-rank read LoRA's factors; AdaLoRA's differ
     nf4_train_names = ()
+    # the default --lr: 5x LoRA's (on the built-in task 1e-2 reached 94% exact match, LoRA's 2e-3 0%)
+    lr_scales = {"adalora": 5.0}
     plan = plan
 
     def read_config(self, data: dict[str, Any]) -> AdaLoraConfig:
