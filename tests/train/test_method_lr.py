@@ -15,7 +15,7 @@ from peftkit.train import options as opts
 
 
 @pytest.mark.parametrize("method, scale", [("lora", 1.0), ("dora", 1.0), ("qlora", 1.0), ("oft", 1.0),
-                                           ("loha", 5.0), ("lokr", 5.0), ("ia3", 5.0), ("vera", 5.0), ("adalora", 5.0),
+                                           ("loha", 5.0), ("lokr", 5.0), ("ia3", 15.0), ("vera", 5.0), ("adalora", 5.0),
                                            ("prompt", 15.0), ("ptuning", 1.0), ("full", 1.0)])
 def test_an_unchosen_lr_is_loras_default_times_the_methods_scale(method, scale):
     assert registry.lr_scale(method) == scale
@@ -63,4 +63,4 @@ def test_the_header_says_which_lr_a_method_took(tiny_model_dir, qa_jsonl, tmp_pa
                  "--batch-size", "2", "--no-progress", "--threads", "1", "--eval-examples", "0",
                  "--output-dir", str(tmp_path / "ia3")])
     assert code == 0
-    assert "lr 0.001: ia3's default, 5x LoRA's 0.0002 (--lr to choose)" in capsys.readouterr().out
+    assert "lr 0.003: ia3's default, 15x LoRA's 0.0002 (--lr to choose)" in capsys.readouterr().out
