@@ -245,7 +245,6 @@ def test_playground_streams_the_base_and_two_adapters_side_by_side(browser, cons
     shot(browser, "playground")
 
 
-
 def test_a_console_with_a_token_opens_from_its_printed_address_and_hides_the_token(browser, folder):
     token = "browser-test-token-0123456789"
     with Served(create_app(folder["root"], token=token)) as served:

@@ -101,10 +101,13 @@ def choose_dtype(requested: str, device_type: str, cpu_flags: Iterable[str] | No
 
 
 def _lacks_units(dtype: str, cpu_flags: Iterable[str] | None) -> bool:
-    """Whether a CPU with these flags (None: unknown, so not known to lack them) has no matrix units for
-    `dtype`'s matmuls (float32 needs none)."""
+    """Whether an x86 CPU with these flags (None: unknown, so not known to lack them) has no matrix units for
+    `dtype`'s matmuls (float32 needs none). Only x86 flags are judged: an ARM CPU names its units otherwise
+    (bf16, asimdhp), so it is not warned about."""
     wanted = _CPU_FAST.get(dtype)
-    return bool(wanted) and cpu_flags is not None and not set(wanted) & set(cpu_flags)
+    if not wanted or cpu_flags is None or "sse2" not in set(cpu_flags):
+        return False
+    return not set(wanted) & set(cpu_flags)
 
 
 def default_device() -> str:

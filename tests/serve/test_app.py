@@ -377,7 +377,7 @@ def test_api_key_guards_the_v1_endpoints_for_openai_clients_and_leaves_probes_op
         bad.models.list()
     for headers in ({}, {"Authorization": "k3y-for-v1"}, {"Authorization": "Bearer k3y-for-v1x"}):
         r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": "not a list"},
-                       headers=headers)  # refused before the body is even looked at
+                       headers=headers)  # refused before the body is validated
         assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key", headers
     good = openai.OpenAI(base_url=server.url + "/v1", api_key="k3y-for-v1", max_retries=0, timeout=20)
     assert good.completions.create(model="tiny", prompt="Say hi", max_tokens=5).choices[0].text
@@ -385,6 +385,23 @@ def test_api_key_guards_the_v1_endpoints_for_openai_clients_and_leaves_probes_op
     assert httpx.get(server.url + "/health").status_code == 200 and httpx.get(server.url + "/metrics").status_code == 200
     admin = httpx.get(server.url + "/admin/adapters", headers={"Authorization": "Bearer k3y-for-v1"})
     assert admin.status_code == 401  # the admin endpoints keep their own token
+
+
+def test_api_key_guards_the_app_mounted_under_a_prefix_or_behind_a_root_path(tokenizer):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    engine = FakeEngine(tokenizer, FakeRegistry(), max_queue=8, delay=0.001)
+    app = create_app(engine, engine.registry, tokenizer, model_name="tiny", context_length=256, max_tokens_limit=64,
+                     api_key="k3y-for-v1", log_level=None)
+    outer = FastAPI()
+    outer.mount("/api/play", app)  # as peftkit ui mounts it
+    with TestClient(outer) as c:
+        assert c.get("/api/play/v1/models").status_code == 401 and c.get("/api/play/health").status_code == 200
+    with TestClient(app, root_path="/proxy") as c:
+        assert c.get("/proxy/v1/models").status_code == 401
+        key = {"Authorization": "Bearer k3y-for-v1"}
+        assert c.get("/proxy/v1/models", headers=key).status_code == 200
 
 
 def test_health_and_metrics(serve):

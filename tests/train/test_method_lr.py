@@ -64,3 +64,27 @@ def test_the_header_says_which_lr_a_method_took(tiny_model_dir, qa_jsonl, tmp_pa
                  "--output-dir", str(tmp_path / "ia3")])
     assert code == 0
     assert "lr 0.003: ia3's default, 15x LoRA's 0.0002 (--lr to choose)" in capsys.readouterr().out
+
+
+def test_the_constructor_is_literal_and_stored_options_without_the_field_count_as_chosen():
+    direct = opts.TrainOptions(method="ia3")
+    assert direct.lr == opts.FIELDS["lr"].default and direct.lr_given and direct.lr_note() is None
+    assert direct.replace(method="loha").lr == direct.lr
+    stored = opts.build({"method": "ia3"}).to_dict()
+    assert stored["lr_given"] is False and opts.TrainOptions(**stored).lr_note() is not None
+    del stored["lr_given"]  # a trial_options.json written before the field existed
+    assert opts.TrainOptions(**stored).replace(method="lora").lr == stored["lr"]
+
+
+def test_a_resume_without_lr_continues_at_the_runs_own_rate(tmp_path):
+    import json
+
+    from peftkit.train import state
+
+    (tmp_path / "run_options.json").write_text(json.dumps({"lr": 2e-4, "method": "ia3"}))  # before the new default
+    o = opts.build({"method": "ia3", "data": "d.jsonl", "resume": "latest"})
+    assert o.lr == pytest.approx(3e-3)
+    resumed = state.with_run_lr(tmp_path, o)
+    assert resumed.lr == 2e-4 and not resumed.lr_given
+    chosen = opts.build({"method": "ia3", "data": "d.jsonl", "lr": 1e-3})
+    assert state.with_run_lr(tmp_path, chosen).lr == 1e-3  # a chosen --lr is kept (and then refused, as before)

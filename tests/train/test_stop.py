@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftkit import tracking
-from peftkit.train import loop
+from peftkit.train import loop, recipe
 from peftkit.train import options as opts
 from peftkit.train.stop import Stopped, StopRequests
 
@@ -78,6 +78,25 @@ def test_a_first_signal_in_the_loop_is_recorded_and_a_second_of_its_kind_stops_a
     assert caught.value.exit_code == 130 and "SIGINT" in str(caught.value)
 
 
+def test_sighup_is_taken_too_and_a_signal_after_the_loops_last_look_stops_on_leaving_it():
+    with StopRequests(out=sys.stdout) as stop:
+        with pytest.raises(Stopped) as caught, stop.graceful():
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert stop.signum == signal.SIGHUP  # recorded, not acted on yet
+        assert caught.value.exit_code == 129
+
+
+def test_under_torchrun_the_launchers_copy_of_a_signal_is_not_a_second_one(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "peftkit-test")
+    with StopRequests(out=sys.stdout) as stop, stop.graceful():
+        os.kill(os.getpid(), signal.SIGTERM)  # from the scheduler, to every process
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher passing it on
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(Stopped):
+            os.kill(os.getpid(), signal.SIGTERM)  # a third: a real second request
+            time.sleep(1)
+
+
 def test_off_the_main_thread_nothing_is_installed():
     seen = {}
 
@@ -123,12 +142,43 @@ def test_a_stop_right_after_a_periodic_checkpoint_writes_no_second_one(tiny_mode
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "run"
     signal_during_step(monkeypatch, 3, signal.SIGINT)  # step 4 is a --save-every 4 step
+    saves = []
+    real_save = recipe.save_checkpoint
+    monkeypatch.setattr(recipe, "save_checkpoint", lambda run, step: (saves.append(step), real_save(run, step)))
     with StopRequests() as stop, pytest.raises(Stopped) as caught:
         loop.train(run_opts(tiny_model_dir, qa_jsonl, out, report_to="mlflow", tracking_dir=str(tmp_path / "t")), stop)
     assert caught.value.step == 4 and caught.value.exit_code == 130 and steps_of(out) == [4]
+    assert saves == [4]  # the periodic checkpoint only
     state = json.loads((out / tracking.STATE_FILE).read_text())["mlflow"]
     run = mlflow.MlflowClient(tracking_uri=state["tracking_uri"]).get_run(state["run_id"])
     assert run.info.status == "KILLED"  # not left RUNNING
+
+
+def test_a_stop_after_resuming_from_an_older_checkpoint_names_the_one_it_wrote(tiny_model_dir, qa_jsonl, tmp_path,
+                                                                              monkeypatch):
+    out = tmp_path / "run"
+    loop.train(run_opts(tiny_model_dir, qa_jsonl, out, save_every=2, max_steps=6))  # step-2, 4, 6 (keeps 5)
+    signal_during_step(monkeypatch, 2, signal.SIGTERM)
+    older = out / "checkpoints" / "step-00000002"
+    with StopRequests() as stop, pytest.raises(Stopped) as caught:
+        loop.train(run_opts(tiny_model_dir, qa_jsonl, out, save_every=2, max_steps=6, resume=str(older)), stop)
+    assert caught.value.step == 3 and caught.value.checkpoint == out / "checkpoints" / "step-00000003"
+
+
+def test_a_stop_in_the_finish_stages_names_the_last_checkpoint(tiny_model_dir, qa_jsonl, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = recipe.validate
+
+    def validate(run):
+        if run.data.total_steps and steps_of(out)[-1:] == [6]:  # the final validation, after the last checkpoint
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(run)
+
+    monkeypatch.setattr(recipe, "validate", validate)
+    with StopRequests() as stop, pytest.raises(Stopped) as caught:
+        loop.train(run_opts(tiny_model_dir, qa_jsonl, out), stop)
+    assert caught.value.checkpoint == out / "checkpoints" / "step-00000006" and caught.value.step is None
+    assert "newest checkpoint" in caught.value.describe() and "--resume latest" in caught.value.describe()
 
 
 def test_without_stop_requests_train_keeps_pythons_behaviour(tiny_model_dir, qa_jsonl, tmp_path, monkeypatch):

@@ -89,10 +89,10 @@ def trial_options(base: opts.TrainOptions, c: Candidate, steps: int, out: Path, 
     intermediate checkpoints, a warm-up that suits a short run, validation every `eval_every` steps for the
     pruner, --target-modules only where it means LoRA targets, and no scoring of the base model (the same for
     every trial)."""
-    own_lr = {"lr": c.lr} if c.lr is not None else {}  # else the base's --lr, or each method's default when not given
+    own_lr = {"lr": c.lr} if c.lr is not None else {}  # else the base's --lr, or the method's default if not given
     return base.replace(method=c.method, r=c.r or base.r, **own_lr, max_steps=steps, output_dir=str(out),
-                        warmup_steps=min(base.warmup_steps, steps // 4), save_every=0, keep_checkpoints=1, eval_every=eval_every, progress=False, overwrite=True,
-                        resume=None, nproc=1, score_base=False,
+                        warmup_steps=min(base.warmup_steps, steps // 4), save_every=0, keep_checkpoints=1,
+                        eval_every=eval_every, progress=False, overwrite=True, resume=None, nproc=1, score_base=False,
                         target_modules=base.target_modules if c.method in RANKED_METHODS else "all-linear")
 
 
@@ -214,10 +214,11 @@ class Scheduler:
         what = "probe (measures time per step)" if probe else f"trial {done + 1}/{done + len(self.queue())}"
         self.say(f"peftkit sweep: {what}: {c.label}, {n} steps; {left:.0f} s of the budget left ...")
         every = checks_every(n, self.settings.pruner) if trial is not None else 0
-        head = {"name": c.name, "method": c.method, "r": c.r, "lr": c.lr, "steps": n, "output_dir": str(directory)}
+        options = trial_options(self.base, c, n, directory, every)
+        head = {"name": c.name, "method": c.method, "r": c.r, "lr": c.lr, "trained_lr": options.lr, "steps": n,
+                "output_dir": str(directory)}  # lr: TPE's choice (None: the base's); trained_lr: what the trial used
         try:
-            result = self.runner(c, trial_options(self.base, c, n, directory, every), left + self.grace,
-                                 self.study.monitor(trial) if every else None)
+            result = self.runner(c, options, left + self.grace, self.study.monitor(trial) if every else None)
         except KeyboardInterrupt:
             if trial is not None:
                 self.study.finish(trial, {**head, "status": "failed", "interrupted": True, "error": "interrupted"})

@@ -65,7 +65,9 @@ def check_bearer(header: str | None, token: str, what: str = "admin endpoints", 
 
 def api_key_guard(request: Request) -> None:
     """An app-wide dependency: with --api-key, the /v1 endpoints need it as a Bearer token (as vLLM's --api-key
-    and OpenAI's clients do); /health and /metrics stay open for probes."""
+    and OpenAI's clients do); /health and /metrics stay open for probes. It goes by the matched route's own path,
+    so the app mounted under a prefix or behind a proxy's root_path is guarded the same."""
     key = getattr(request.app.state, "api_key", None)
-    if key and request.url.path.startswith("/v1/"):
+    route = request.scope.get("route")
+    if key and (route is None or str(getattr(route, "path", "/v1/")).startswith("/v1/")):
         check_bearer(request.headers.get("authorization"), key, "the /v1 endpoints", "--api-key")

@@ -136,7 +136,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, params: dict[str, 
         raise ValueError(f"extra_dirs names must be plain folder names other than {sorted(reserved)}; got {bad}")
 
     root = Path(run_dir) / "checkpoints"
-    final = root / f"step-{step:08d}"
+    final = checkpoint_path(run_dir, step)
     # copies: a snapshot the caller may go on training, and safetensors refuses tensors sharing storage
     params = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in params.items()}
     with writing(final, "checkpoint"):
@@ -192,6 +192,11 @@ def _write_checkpoint(root: Path, final: Path, step: int, params: dict[str, torc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint after `step` optimizer steps of the run in `run_dir` is (once written)."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -286,8 +286,11 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # on Ctrl-C / SIGTERM the launcher passes the signal on and waits shutdown_timeout seconds for the ranks to
+    # finish their step and checkpoint (train/stop.py) before it kills them: torch's 30 s is short for a big model
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"peftkit-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                          shutdown_timeout=int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")))
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "peftkit.cli", *argv)
     except ChildFailedError as err:

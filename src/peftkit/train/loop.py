@@ -21,7 +21,7 @@ from .. import tracking
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import recipe, report
-from .checkpoints import latest_checkpoint
+from .checkpoints import checkpoint_path, latest_checkpoint
 from .loss import sum_token_loss
 from .method import after_optimizer_step, describe_method, inject_method, loss_extra
 from .options import TrainOptions
@@ -46,7 +46,12 @@ def train(o: TrainOptions, stop: StopRequests | None = None) -> dict:
     tracker = recipe.open_tracking(run)  # --report-to: every metrics row goes to metrics.jsonl and the tracker
     try:
         return _train(run, tracker, started, stop)
-    except BaseException as error:  # the tracking runs end FAILED (KILLED on Ctrl-C or a stop), not left running
+    except Stopped as stopped:  # KILLED; a stop outside the step loop still names the newest checkpoint
+        tracker.close(stopped)
+        if stopped.checkpoint is None and latest_checkpoint(run.out) is not None:
+            raise Stopped(stopped.signum, None, run.data.total_steps, latest_checkpoint(run.out), run.out) from None
+        raise
+    except BaseException as error:  # the tracking runs end FAILED (KILLED on Ctrl-C), not left running
         tracker.close(error)
         raise
 
@@ -110,7 +115,7 @@ def _stop_if_asked(run: Run, stop: StopRequests | None, done: int, saved: bool, 
     first = run.start_step
     if done > first and not saved:
         recipe.save_checkpoint(run, done)
-    checkpoint = latest_checkpoint(run.out) if done > first or run.resumed else None
+    checkpoint = checkpoint_path(run.out, done) if done > first else run.resume_from  # None: nothing to resume yet
     raise Stopped(signum, done if checkpoint else first, run.data.total_steps, checkpoint, run.out)
 
 

@@ -115,9 +115,10 @@ class TrainOptions:
     # not an option: True when --warmup-steps was chosen (flag, YAML file, `build` or `replace`), so a short run
     # keeps it (and is warned) instead of having the default shortened; set by `build` and `replace`
     warmup_given: bool = field(default=False, metadata={"internal": True})
-    # not an option: True when --lr was chosen; otherwise `lr` is the default times the method's scale
-    # (registry.lr_scale), and `replace(method=...)` moves it to the new method's scale
-    lr_given: bool = field(default=False, metadata={"internal": True})
+    # not an option: False when `build` chose `lr` as the default times the method's scale (registry.lr_scale),
+    # which `replace(method=...)` then moves to the new method's scale; True for an lr given in any way (a flag,
+    # YAML, `replace(lr=...)`, the constructor, options stored before this field existed)
+    lr_given: bool = field(default=True, metadata={"internal": True})
 
     def __post_init__(self) -> None:
         # one form however the names came: a list (YAML, JSON) or "a,b" (Python); unknown names are refused

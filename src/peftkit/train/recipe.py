@@ -58,9 +58,10 @@ def lr_lambda(o: TrainOptions, total: int):
 
 
 # --- setup ---------------------------------------------------------------------------------------------------------
-def setup_run_dir(o: TrainOptions, dist: Dist) -> tuple[Path, Path | None]:
-    """(the run directory, the checkpoint to resume from or None); refuses another run's directory, a resume
-    without a checkpoint, and a resume with options that change the math."""
+def setup_run_dir(o: TrainOptions, dist: Dist) -> tuple[TrainOptions, Path, Path | None]:
+    """(the options, with a resume's own lr when --lr was not chosen; the run directory; the checkpoint to resume
+    from or None); refuses another run's directory, a resume without a checkpoint, and a resume with options that
+    change the math."""
     out = state.output_dir(o)
     if dist.is_main:
         report.check_output_dir(out, resume=o.resume is not None, overwrite=o.overwrite)
@@ -71,10 +72,11 @@ def setup_run_dir(o: TrainOptions, dist: Dist) -> tuple[Path, Path | None]:
             f"one, which comes after --save-every steps), so there is nothing to continue from: rerun with "
             f"--overwrite instead of --resume to start it over ({out / 'checkpoints'} is empty or incomplete)")
     if resume_from is not None:
+        o = state.with_run_lr(out, o)
         state.check_same_run(out, o)
         if dist.is_main and (out / "metrics.jsonl").is_file():  # a damaged log is refused now, not after loading
             report.read_metrics(out / "metrics.jsonl", warn=False)
-    return out, resume_from
+    return o, out, resume_from
 
 
 def setup_records(o: TrainOptions, dist: Dist) -> tuple[list, list | None]:
@@ -208,7 +210,7 @@ def setup(o: TrainOptions) -> Run:
     """Every setup stage in order: the run, ready for its first (or resumed) step."""
     dist = dist_mod.init_distributed(o.device)
     o, dtype_choice = resolve_precision(o, dist)
-    out, resume_from = setup_run_dir(o, dist)
+    o, out, resume_from = setup_run_dir(o, dist)
     chats = setup_records(o, dist)  # no model needed: data errors come before the seconds of loading one
     model, tokenizer = setup_model(o, dist)
     data = setup_data(o, tokenizer, dist, chats)
@@ -279,8 +281,8 @@ def finish(run: Run, metrics: report.Metrics, train_seconds: float, started: flo
     loss_curve.png, the tracking runs' summary and files; then leave the process group. The summary on the main
     process, {} on the others."""
     tracker = tracker or tracking.Tracker()
+    save_checkpoint(run, run.data.total_steps)  # first: a stop during the final validation or scoring loses no step
     val_loss = validate(run)
-    save_checkpoint(run, run.data.total_steps)
     state.save_result(run)
     run.scorer.after_training(run.model)
     summary = {}

@@ -31,6 +31,17 @@ def output_dir(o: TrainOptions) -> Path:
     return Path("runs") / f"{name}-{o.method}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+def with_run_lr(out: Path, o: TrainOptions) -> TrainOptions:
+    """A resume that did not choose --lr continues at the run's own rate (run_options.json): a run started before
+    its method's default rate changed resumes with the command that started it."""
+    if o.lr_given:
+        return o
+    saved = json.loads((out / "run_options.json").read_text()).get("lr")
+    if isinstance(saved, (int, float)) and not isinstance(saved, bool) and saved > 0 and saved != o.lr:
+        return o.replace(lr=float(saved), lr_given=False)
+    return o
+
+
 def check_same_run(out: Path, o: TrainOptions) -> None:
     """Resuming with options that change the math would silently produce a different run: refuse it.
     Which options those are is declared on the options' fields (`same_run=True` in options.py)."""

@@ -42,6 +42,7 @@ class Playground:
     max_tokens: int = 256
     app: object | None = None  # local: peftkit serve's FastAPI app, mounted at /api/play
     engine: object | None = None  # local: its engine, closed when the console stops
+    api_key: str | None = field(default=None, repr=False)  # proxy: the server's --api-key, sent as a Bearer token
 
     def info(self) -> dict:
         hint = {"off": "start the console with --model MODEL (load the base and adapters here) or --serve-url "
@@ -105,7 +106,8 @@ async def relay(request: Request, method: str, path: str, body: dict | None = No
 
     play = playground_of(request)
     client = relay_client(request)
-    outgoing = client.build_request(method, play.url + path, json=body)
+    auth = {"Authorization": f"Bearer {play.api_key}"} if play.api_key else {}
+    outgoing = client.build_request(method, play.url + path, json=body, headers=auth)
     try:
         answer = await client.send(outgoing, stream=True)
     except httpx.HTTPError as err:

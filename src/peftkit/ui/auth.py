@@ -12,8 +12,9 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
-from http.cookies import SimpleCookie
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, quote_from_bytes, urlencode
+
+from starlette.requests import cookie_parser
 
 MIN_TOKEN_CHARS = 16
 MAX_TOKEN_CHARS = 256
@@ -36,6 +37,15 @@ def check_token(token: str) -> str:
     return token
 
 
+def same_site_path(scope) -> str:
+    """The request's path as a Location that stays on this site: from the bytes the client sent (so an encoded
+    `?` or `/` stays encoded), re-quoted to plain ASCII, and with one leading slash (`//host` or `/\\host` would
+    be read as another site)."""
+    raw = scope.get("raw_path") or quote(scope.get("root_path", "") + scope.get("path", "/")).encode()
+    text = quote_from_bytes(raw.split(b"?", 1)[0], safe="/%:@!$&'()*+,;=-._~")
+    return "/" + text.lstrip("/")
+
+
 class TokenGate:
     """ASGI middleware: every HTTP request needs the token (cookie, Bearer header, or ?token= which sets the
     cookie and redirects to the address without it); 401 otherwise."""
@@ -51,15 +61,15 @@ class TokenGate:
         scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").strip().partition(" ")
         if scheme.lower() == "bearer" and self._matches(given.strip()):
             return True
-        cookies = SimpleCookie()
-        try:
-            cookies.load(headers.get(b"cookie", b"").decode("latin-1")[:8192])
-        except Exception:  # a malformed Cookie header is only a missing token
-            return False
-        morsel = cookies.get(self.cookie)
-        return morsel is not None and self._matches(morsel.value)
+        # the browser's parsing (Starlette's), not SimpleCookie's, which gives up at another site's odd cookie
+        cookies = cookie_parser(headers.get(b"cookie", b"").decode("latin-1")[:16384])
+        return self._matches(cookies.get(self.cookie))
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "websocket" and not self._from_headers(dict(scope.get("headers") or [])):
+            await receive()  # the connect event, then a refusal (HTTP 403 to the client)
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -67,7 +77,7 @@ class TokenGate:
         given = [v for k, v in query if k == "token"]
         if given and self._matches(given[-1]) and scope.get("method") in ("GET", "HEAD"):  # the printed address
             rest = urlencode([(k, v) for k, v in query if k != "token"])
-            location = scope.get("root_path", "") + scope.get("path", "/") + (f"?{rest}" if rest else "")
+            location = same_site_path(scope) + (f"?{rest}" if rest else "")
             cookie = (f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={COOKIE_MAX_AGE_S}")
             await send({"type": "http.response.start", "status": 303,
                         "headers": [(b"location", location.encode("latin-1")), (b"set-cookie", cookie.encode()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEFAULT_PORT = 7860
@@ -17,8 +18,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--host {args.host} is not a loopback address; the console shows your files and runs "
                          "prompts, so pass --allow-remote as well to listen there (requests then need an access "
                          "token), or keep 127.0.0.1")
-    if args.token is not None:
-        check_token(args.token)
+    token = args.token if args.token is not None else os.environ.get("PEFTKIT_UI_TOKEN") or None
+    if token is not None:
+        check_token(token)  # before a playground model loads
     if args.serve_url and args.model:
         raise ValueError("--serve-url and --model both choose the playground's backend; give one of them")
     if (args.adapter or args.adapter_dir) and not args.model:
@@ -42,7 +44,8 @@ def build(args: argparse.Namespace, port: int = DEFAULT_PORT):
     folder = Folder(args.folder)
     play = Playground(max_tokens=args.max_tokens)
     if args.serve_url:
-        play = Playground(mode="proxy", url=check_serve_url(args.serve_url), max_tokens=args.max_tokens)
+        play = Playground(mode="proxy", url=check_serve_url(args.serve_url), max_tokens=args.max_tokens,
+                          api_key=args.serve_api_key)
     elif args.model:
         print(f"peftkit ui: loading {args.model} for the playground ...", flush=True)
         play = local_playground(folder, args.model, parse_adapters(args.adapter), args.adapter_dir, args.dtype,
@@ -57,8 +60,6 @@ def build(args: argparse.Namespace, port: int = DEFAULT_PORT):
 
 def access_token(args: argparse.Namespace) -> str | None:
     """--token, else $PEFTKIT_UI_TOKEN, else (with --allow-remote) a new random one; None on loopback without one."""
-    import os
-
     from .auth import check_token, new_token
 
     given = args.token if args.token is not None else os.environ.get("PEFTKIT_UI_TOKEN") or None
@@ -123,6 +124,9 @@ def add_ui_command(sub) -> None:
                    "digits, - _ . ~ (default: $PEFTKIT_UI_TOKEN; with --allow-remote, a new random one)")
     p.add_argument("--serve-url", default=None, metavar="URL",
                    help="playground: relay prompts to this running `peftkit serve` (loopback only)")
+    p.add_argument("--serve-api-key", default=os.environ.get("PEFTKIT_API_KEY") or None, metavar="KEY",
+                   help="playground with --serve-url: the server's --api-key, sent as a Bearer token (default: "
+                   "$PEFTKIT_API_KEY, which keeps it out of the process list)")
     p.add_argument("--model", default=None, help="playground: load this base here ('smollm2', a transformers "
                    "dir or a .gguf file) with the adapters of the runs trained on it")
     p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="playground with --model: also offer "
