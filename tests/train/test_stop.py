@@ -24,6 +24,17 @@ from peftkit.train import options as opts
 from peftkit.train.stop import Stopped, StopRequests
 
 
+@pytest.fixture(autouse=True)
+def python_signal_defaults():
+    """Python's own handlers for the test, even when the suite runs as a shell's background job (where SIGINT
+    starts ignored, and a stop honours an ignored signal); put back afterwards."""
+    wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL}
+    before = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
 def run_opts(model: str, data: str, out: Path, **kw) -> opts.TrainOptions:
     base = dict(model=model, data=data, output_dir=str(out), max_steps=6, batch_size=4, lr=5e-3, warmup_steps=1,
                 r=4, lora_alpha=8, lora_dropout=0.1, save_every=4, keep_checkpoints=5, val_fraction=0.125,
@@ -95,6 +106,19 @@ def test_under_torchrun_the_launchers_copy_of_a_signal_is_not_a_second_one(monke
         with pytest.raises(Stopped):
             os.kill(os.getpid(), signal.SIGTERM)  # a third: a real second request
             time.sleep(1)
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        with StopRequests(out=sys.stdout) as stop:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and stop.active
+            with stop.graceful():
+                os.kill(os.getpid(), signal.SIGHUP)
+                assert stop.signum is None
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_off_the_main_thread_nothing_is_installed():
@@ -193,7 +217,14 @@ def _cli(tiny_model_dir: str, qa_jsonl: str, out: Path, *extra: str) -> subproce
            "--output-dir", str(out), "--max-steps", "400", "--batch-size", "4", "--r", "4", "--no-progress",
            "--save-every", "1000", "--threads", "1", "--val-fraction", "0.125", "--max-length", "64", *extra]
     return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    """In the child: the signals' default actions, even when this test runs as a shell's background job (which
+    ignores SIGINT, and a stop honours an ignored signal)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _after_steps(proc: subprocess.Popen, out: Path, n: int, timeout: float = 120) -> None:

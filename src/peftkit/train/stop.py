@@ -58,8 +58,10 @@ class Stopped(KeyboardInterrupt):
 
 
 class StopRequests:
-    """A context manager that takes SIGINT and SIGTERM while it is open (main thread only). `graceful()` marks the
-    span where a first signal is only recorded (`signum`); anywhere else a signal raises `Stopped` at once."""
+    """A context manager that takes SIGINT, SIGTERM and SIGHUP while it is open (main thread only), except those the
+    process was told to ignore (`nohup` ignores SIGHUP, a shell's background job SIGINT): they stay ignored.
+    `graceful()` marks the span where a first signal is only recorded (`signum`); anywhere else a signal raises
+    `Stopped` at once."""
 
     def __init__(self, out=None) -> None:
         self.signum: int | None = None
@@ -72,7 +74,8 @@ class StopRequests:
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
