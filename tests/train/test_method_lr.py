@@ -15,7 +15,8 @@ from peftkit.train import options as opts
 
 
 @pytest.mark.parametrize("method, scale", [("lora", 1.0), ("dora", 1.0), ("qlora", 1.0), ("oft", 1.0),
-                                           ("loha", 5.0), ("lokr", 5.0), ("ia3", 15.0), ("vera", 25.0), ("adalora", 5.0),
+                                           ("loha", 5.0), ("lokr", 5.0), ("ia3", 15.0), ("vera", 25.0),
+                                           ("adalora", 5.0),
                                            ("prompt", 15.0), ("ptuning", 1.0), ("full", 1.0)])
 def test_an_unchosen_lr_is_loras_default_times_the_methods_scale(method, scale):
     assert registry.lr_scale(method) == scale

@@ -60,8 +60,8 @@ class TrainOptions:
                                          "(folded away when saving)", same_run=True)
     # optimisation
     lr: float = _opt(2e-4, "peak learning rate (AdamW); when not given, a method that trains well only at a higher "
-                     "rate (LoHa, LoKr, IA3, VeRA, AdaLoRA, prompt tuning) takes a multiple of the default, said in the run's "
-                     "header", same_run=True)
+                     "rate (LoHa, LoKr, IA3, VeRA, AdaLoRA, prompt tuning) takes a multiple of the default, said in "
+                     "the run's header", same_run=True)
     weight_decay: float = _opt(0.0, "AdamW weight decay", same_run=True)
     warmup_steps: int = _opt(10, "linear warm-up steps from 0 to --lr; when not given and more than 10%% of a short "
                              "run's steps, shortened to 10%% of them (and said)", same_run=True)
