@@ -48,8 +48,9 @@ def train(o: TrainOptions, stop: StopRequests | None = None) -> dict:
         return _train(run, tracker, started, stop)
     except Stopped as stopped:  # KILLED; a stop outside the step loop still names the newest checkpoint
         tracker.close(stopped)
-        if stopped.checkpoint is None and latest_checkpoint(run.out) is not None:
-            raise Stopped(stopped.signum, None, run.data.total_steps, latest_checkpoint(run.out), run.out) from None
+        newest = latest_checkpoint(run.out) if stopped.checkpoint is None else None
+        if newest is not None:
+            raise Stopped(stopped.signum, None, run.data.total_steps, newest, run.out) from None
         raise
     except BaseException as error:  # the tracking runs end FAILED (KILLED on Ctrl-C), not left running
         tracker.close(error)
@@ -106,7 +107,11 @@ def _one_step(run: Run, step: int, metrics: report.Metrics, tracker: tracking.Tr
 
 def _stop_if_asked(run: Run, stop: StopRequests | None, done: int, saved: bool, bar) -> None:
     """Before a step (and after the last): when any rank was signalled, write a checkpoint after the `done` steps
-    finished so far (unless the periodic one just did, or nothing ran yet in this process) and raise Stopped."""
+    finished so far (unless the periodic one just did, or nothing ran yet in this process) and raise Stopped.
+    Without StopRequests (train() from Python, sweep trials; the same on every rank) there is nothing to agree on,
+    so no collective is added to the step."""
+    if stop is None:
+        return
     signum = agreed_signal(stop, lambda v: dist_mod.reduce_max(v, run.dist))
     if not signum:
         return
